@@ -1,0 +1,3 @@
+//! Model graphs built from Tessera's runtime ops; no wgpu types appear here.
+
+pub mod llm;

@@ -1,0 +1,386 @@
+//! The llama-family graph on the runtime's kernels: weights loaded from GGUF, and a session that
+//! holds the KV cache and runs prefill (in micro-batches) and decode.
+//!
+//! A micro-batch is one submit. Logits are computed only for the positions asked for.
+
+use std::sync::Arc;
+
+use tessera_runtime::io::gguf::GgufFile;
+use tessera_runtime::ops::{self, AttentionParams, LinearOut, RopeParams};
+use tessera_runtime::{dequantize_row, DType, Gpu, Recorder, Tensor, Weight};
+
+use crate::llm::{LlamaConfig, LlmError};
+
+/// Tokens per micro-batch of prefill, as llama.cpp's default `n_ubatch`.
+pub const UBATCH: usize = 512;
+
+struct Layer {
+    attn_norm: Tensor,
+    attn_q: Weight,
+    attn_k: Weight,
+    attn_v: Weight,
+    attn_output: Weight,
+    ffn_norm: Tensor,
+    ffn_gate: Weight,
+    ffn_up: Weight,
+    ffn_down: Weight,
+}
+
+/// A llama-family model on the device.
+pub struct LlamaModel {
+    gpu: Arc<Gpu>,
+    pub config: LlamaConfig,
+    token_embd: Weight,
+    /// `None` when the output projection is tied to the token embedding.
+    output: Option<Weight>,
+    output_norm: Tensor,
+    layers: Vec<Layer>,
+}
+
+fn check_dims(file: &GgufFile, name: &str, expected: &[u64]) -> Result<(), LlmError> {
+    let info = file.tensor(name).ok_or_else(|| LlmError::MissingTensor(name.to_string()))?;
+    if info.dims() != expected {
+        return Err(LlmError::TensorShape {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            found: info.dims().to_vec(),
+        });
+    }
+    Ok(())
+}
+
+fn dtype_of(file: &GgufFile, name: &str) -> Result<DType, LlmError> {
+    let info = file.tensor(name).ok_or_else(|| LlmError::MissingTensor(name.to_string()))?;
+    DType::from_ggml_id(info.ggml_type().id()).ok_or_else(|| LlmError::UnsupportedTensorType {
+        name: name.to_string(),
+        dtype: info.ggml_type().name().to_string(),
+    })
+}
+
+/// Uploads the `[rows, cols]` weight `name` (GGML dims `[cols, rows]`).
+fn load_weight(gpu: &Gpu, file: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<Weight, LlmError> {
+    check_dims(file, name, &[cols as u64, rows as u64])?;
+    let dtype = dtype_of(file, name)?;
+    let info = file.tensor(name).ok_or_else(|| LlmError::MissingTensor(name.to_string()))?;
+    Ok(gpu.upload_weight(name, dtype, rows, cols, file.tensor_data(info))?)
+}
+
+/// Uploads the 1-D tensor `name` as f32.
+fn load_vector(gpu: &Gpu, file: &GgufFile, name: &str, len: usize) -> Result<Tensor, LlmError> {
+    check_dims(file, name, &[len as u64])?;
+    let dtype = dtype_of(file, name)?;
+    let info = file.tensor(name).ok_or_else(|| LlmError::MissingTensor(name.to_string()))?;
+    let mut values = vec![0.0; len];
+    if dtype.block_size() != 1 {
+        return Err(LlmError::UnsupportedTensorType {
+            name: name.to_string(),
+            dtype: format!("{} (a norm weight must be F32 or F16)", dtype.name()),
+        });
+    }
+    dequantize_row(dtype, file.tensor_data(info), &mut values);
+    Ok(gpu.tensor_from(&[len], &values)?)
+}
+
+impl LlamaModel {
+    /// Builds the graph's weights from an open GGUF file.
+    pub fn load(gpu: Arc<Gpu>, file: &GgufFile) -> Result<Self, LlmError> {
+        let c = LlamaConfig::from_gguf(file)?;
+        let (d, ff) = (c.n_embd, c.n_ff);
+        let (dq, dkv) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
+        let token_embd = load_weight(&gpu, file, "token_embd.weight", c.n_vocab, d)?;
+        let output = match file.tensor("output.weight") {
+            Some(_) => Some(load_weight(&gpu, file, "output.weight", c.n_vocab, d)?),
+            None => None,
+        };
+        let output_norm = load_vector(&gpu, file, "output_norm.weight", d)?;
+        let mut layers = Vec::with_capacity(c.n_layer);
+        for i in 0..c.n_layer {
+            let name = |s: &str| format!("blk.{i}.{s}.weight");
+            layers.push(Layer {
+                attn_norm: load_vector(&gpu, file, &name("attn_norm"), d)?,
+                attn_q: load_weight(&gpu, file, &name("attn_q"), dq, d)?,
+                attn_k: load_weight(&gpu, file, &name("attn_k"), dkv, d)?,
+                attn_v: load_weight(&gpu, file, &name("attn_v"), dkv, d)?,
+                attn_output: load_weight(&gpu, file, &name("attn_output"), d, dq)?,
+                ffn_norm: load_vector(&gpu, file, &name("ffn_norm"), d)?,
+                ffn_gate: load_weight(&gpu, file, &name("ffn_gate"), ff, d)?,
+                ffn_up: load_weight(&gpu, file, &name("ffn_up"), ff, d)?,
+                ffn_down: load_weight(&gpu, file, &name("ffn_down"), d, ff)?,
+            });
+        }
+        log::info!(
+            "model: {} layers, width {}, {} heads ({} KV), vocab {}, {:.1} MB of weights",
+            c.n_layer,
+            d,
+            c.n_head,
+            c.n_head_kv,
+            c.n_vocab,
+            1e-6 * Self::weight_bytes_of(&token_embd, &output, &layers) as f64
+        );
+        Ok(LlamaModel { gpu, config: c, token_embd, output, output_norm, layers })
+    }
+
+    fn weight_bytes_of(embd: &Weight, output: &Option<Weight>, layers: &[Layer]) -> usize {
+        let per_layer: usize = layers
+            .iter()
+            .map(|l| {
+                [&l.attn_q, &l.attn_k, &l.attn_v, &l.attn_output, &l.ffn_gate, &l.ffn_up, &l.ffn_down]
+                    .iter()
+                    .map(|w| w.bytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        embd.bytes() + output.as_ref().map_or(0, Weight::bytes) + per_layer
+    }
+
+    /// Bytes of the matrices a decode step reads (every layer plus the output projection).
+    pub fn decode_weight_bytes(&self) -> usize {
+        let output = self.output.as_ref().unwrap_or(&self.token_embd).bytes();
+        Self::weight_bytes_of(&self.token_embd, &None, &self.layers) - self.token_embd.bytes() + output
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    fn output_weight(&self) -> &Weight {
+        self.output.as_ref().unwrap_or(&self.token_embd)
+    }
+}
+
+/// Which positions of a batch need logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    Last,
+    All,
+}
+
+/// Activations of one micro-batch.
+struct Scratch {
+    ids: Tensor,
+    x: Tensor,
+    xn: Tensor,
+    q: Tensor,
+    attn: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    last: Tensor,
+    last_norm: Tensor,
+    logits_last: Tensor,
+    token: Tensor,
+}
+
+/// A conversation with the model: its KV cache and position.
+pub struct Session<'m> {
+    model: &'m LlamaModel,
+    n_ctx: usize,
+    n_past: usize,
+    k_cache: Vec<Tensor>,
+    v_cache: Vec<Tensor>,
+    scratch: Scratch,
+}
+
+impl<'m> Session<'m> {
+    /// A session with room for `n_ctx` tokens.
+    pub fn new(model: &'m LlamaModel, n_ctx: usize) -> Result<Self, LlmError> {
+        let c = &model.config;
+        let gpu = &model.gpu;
+        let n_ctx = n_ctx.max(1);
+        let dkv = c.n_head_kv * c.head_dim;
+        let dq = c.n_head * c.head_dim;
+        let u = UBATCH.min(n_ctx);
+        let mut k_cache = Vec::with_capacity(c.n_layer);
+        let mut v_cache = Vec::with_capacity(c.n_layer);
+        for _ in 0..c.n_layer {
+            k_cache.push(gpu.tensor(&[n_ctx, dkv])?);
+            v_cache.push(gpu.tensor(&[n_ctx, dkv])?);
+        }
+        let scratch = Scratch {
+            ids: gpu.tensor(&[u])?,
+            x: gpu.tensor(&[u, c.n_embd])?,
+            xn: gpu.tensor(&[u, c.n_embd])?,
+            q: gpu.tensor(&[u, dq])?,
+            attn: gpu.tensor(&[u, dq])?,
+            gate: gpu.tensor(&[u, c.n_ff])?,
+            up: gpu.tensor(&[u, c.n_ff])?,
+            last: gpu.tensor(&[c.n_embd])?,
+            last_norm: gpu.tensor(&[c.n_embd])?,
+            logits_last: gpu.tensor(&[c.n_vocab])?,
+            token: gpu.tensor(&[1])?,
+        };
+        Ok(Session { model, n_ctx, n_past: 0, k_cache, v_cache, scratch })
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    /// Tokens already in the cache.
+    pub fn n_past(&self) -> usize {
+        self.n_past
+    }
+
+    /// Forgets the cache; the next batch starts at position 0.
+    pub fn reset(&mut self) {
+        self.n_past = 0;
+    }
+
+    fn check_fits(&self, tokens: &[u32]) -> Result<(), LlmError> {
+        if self.n_past + tokens.len() > self.n_ctx {
+            return Err(LlmError::ContextFull {
+                tokens: tokens.len(),
+                n_past: self.n_past,
+                n_ctx: self.n_ctx,
+                n_ctx_train: self.model.config.n_ctx_train,
+            });
+        }
+        let n_vocab = self.model.config.n_vocab;
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= n_vocab) {
+            return Err(LlmError::BadToken { id, n_vocab });
+        }
+        Ok(())
+    }
+
+    /// Runs `tokens` through the model after what is cached, and returns the logits asked for:
+    /// `[n_vocab]` for `Last`, `[tokens.len(), n_vocab]` for `All`, nothing for `None`.
+    pub fn eval(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>, LlmError> {
+        self.check_fits(tokens)?;
+        let n_vocab = self.model.config.n_vocab;
+        let mut out = Vec::new();
+        let chunks: Vec<&[u32]> = tokens.chunks(self.scratch.ids.len()).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let is_last = i + 1 == chunks.len();
+            let gpu = &self.model.gpu;
+            let mut rec = Recorder::new(gpu);
+            self.record_batch(&mut rec, chunk)?;
+            match logits {
+                Logits::All => {
+                    // The logits of a batch may exceed one binding: project them in row slices.
+                    let rows = chunk.len();
+                    let max_rows = (gpu.max_binding_size() as usize / (4 * n_vocab)).clamp(1, rows);
+                    let logits_t = gpu.tensor(&[max_rows, n_vocab])?;
+                    let c = &self.model.config;
+                    ops::rmsnorm(&mut rec, &self.scratch.x, &self.model.output_norm, &self.scratch.xn, rows, c.n_embd, c.rms_eps)?;
+                    for start in (0..rows).step_by(max_rows) {
+                        let n = max_rows.min(rows - start);
+                        let layout = LinearOut { x_offset: start * c.n_embd, ..LinearOut::dense(n_vocab) };
+                        ops::linear(&mut rec, self.model.output_weight(), &self.scratch.xn, n, &logits_t, layout)?;
+                        let id = rec.read(&logits_t, 0, n * n_vocab);
+                        let bytes = std::mem::replace(&mut rec, Recorder::new(gpu)).submit()?;
+                        out.extend_from_slice(bytemuck_cast::<f32>(&bytes[id.index()]).as_slice());
+                    }
+                }
+                Logits::Last if is_last => {
+                    self.record_logits_last(&mut rec, chunk.len())?;
+                    let id = rec.read(&self.scratch.logits_last, 0, n_vocab);
+                    let bytes = rec.submit()?;
+                    out = bytemuck_cast(&bytes[id.index()]);
+                }
+                _ => {
+                    rec.submit()?;
+                }
+            }
+            self.n_past += chunk.len();
+        }
+        Ok(out)
+    }
+
+    /// Runs `tokens` and returns the argmax of the last position's logits, computed on the
+    /// device so only the token id is read back.
+    pub fn eval_greedy(&mut self, tokens: &[u32]) -> Result<u32, LlmError> {
+        if tokens.is_empty() {
+            return Err(LlmError::BadConfig("no tokens to evaluate".into()));
+        }
+        let (head, tail) = tokens.split_at(tokens.len() - 1);
+        if !head.is_empty() {
+            self.eval(head, Logits::None)?;
+        }
+        self.check_fits(tail)?;
+        let n_vocab = self.model.config.n_vocab;
+        let mut rec = Recorder::new(&self.model.gpu);
+        self.record_batch(&mut rec, tail)?;
+        self.record_logits_last(&mut rec, 1)?;
+        let s = &self.scratch;
+        ops::argmax(&mut rec, &s.logits_last, 0, 1, n_vocab, &s.token)?;
+        let id = rec.read(&s.token, 0, 1);
+        let bytes = rec.submit()?;
+        self.n_past += 1;
+        let token: Vec<u32> = bytemuck_cast(&bytes[id.index()]);
+        token.first().copied().ok_or_else(|| LlmError::BadConfig("empty readback".into()))
+    }
+
+    /// Records the layers for one micro-batch at position `n_past`.
+    fn record_batch(&self, rec: &mut Recorder, tokens: &[u32]) -> Result<(), LlmError> {
+        let m = &self.model;
+        let c = &m.config;
+        let s = &self.scratch;
+        let gpu = &m.gpu;
+        let n = tokens.len();
+        let pos0 = self.n_past;
+        let (d, ff) = (c.n_embd, c.n_ff);
+        let (dq, dkv) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
+
+        gpu.write_u32(&s.ids, tokens)?;
+        ops::embedding(rec, &m.token_embd, &s.ids, n, &s.x)?;
+        let rope = |heads: usize, offset: usize, stride: usize| RopeParams {
+            heads,
+            head_dim: c.head_dim,
+            n_rot: c.n_rot,
+            layout: c.rope_layout,
+            base: c.rope_base,
+            pos0,
+            tokens: n,
+            offset,
+            stride,
+        };
+        let attention = AttentionParams {
+            n_head: c.n_head,
+            n_kv_head: c.n_head_kv,
+            head_dim: c.head_dim,
+            pos0,
+            tokens: n,
+            kv_len: pos0 + n,
+            causal: true,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+        };
+        let residual = LinearOut { x_offset: 0, offset: 0, stride: d, accumulate: true };
+        let to_cache = LinearOut { x_offset: 0, offset: pos0 * dkv, stride: dkv, accumulate: false };
+
+        for (l, layer) in m.layers.iter().enumerate() {
+            let (kc, vc) = (&self.k_cache[l], &self.v_cache[l]);
+            // Attention: K and V are written straight into the cache, then rotated there.
+            ops::rmsnorm(rec, &s.x, &layer.attn_norm, &s.xn, n, d, c.rms_eps)?;
+            ops::linear(rec, &layer.attn_q, &s.xn, n, &s.q, LinearOut::dense(dq))?;
+            ops::linear(rec, &layer.attn_k, &s.xn, n, kc, to_cache)?;
+            ops::linear(rec, &layer.attn_v, &s.xn, n, vc, to_cache)?;
+            ops::rope(rec, &s.q, &rope(c.n_head, 0, dq))?;
+            ops::rope(rec, kc, &rope(c.n_head_kv, pos0 * dkv, dkv))?;
+            ops::attention(rec, &s.q, kc, vc, &s.attn, &attention)?;
+            ops::linear(rec, &layer.attn_output, &s.attn, n, &s.x, residual)?;
+
+            // Feed-forward: SwiGLU, its down projection added into the residual stream.
+            ops::rmsnorm(rec, &s.x, &layer.ffn_norm, &s.xn, n, d, c.rms_eps)?;
+            ops::linear(rec, &layer.ffn_gate, &s.xn, n, &s.gate, LinearOut::dense(ff))?;
+            ops::linear(rec, &layer.ffn_up, &s.xn, n, &s.up, LinearOut::dense(ff))?;
+            ops::swiglu(rec, &s.gate, &s.up, n * ff)?;
+            ops::linear(rec, &layer.ffn_down, &s.gate, n, &s.x, residual)?;
+        }
+        Ok(())
+    }
+
+    /// Records the output norm and projection of the batch's last row into `logits_last`.
+    fn record_logits_last(&self, rec: &mut Recorder, n: usize) -> Result<(), LlmError> {
+        let m = &self.model;
+        let c = &m.config;
+        let s = &self.scratch;
+        rec.copy(&s.x, (n - 1) * c.n_embd, &s.last, 0, c.n_embd);
+        ops::rmsnorm(rec, &s.last, &m.output_norm, &s.last_norm, 1, c.n_embd, c.rms_eps)?;
+        ops::linear(rec, m.output_weight(), &s.last_norm, 1, &s.logits_last, LinearOut::dense(c.n_vocab))?;
+        Ok(())
+    }
+}
+
+fn bytemuck_cast<T: bytemuck::Pod>(bytes: &[u8]) -> Vec<T> {
+    bytemuck::pod_collect_to_vec(bytes)
+}

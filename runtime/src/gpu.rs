@@ -1,0 +1,349 @@
+//! Adapter enumeration and choice, and the opened device.
+//!
+//! Every fact about the device (binding limits, subgroup sizes, shader-f16) is read from the
+//! adapter, never assumed. Optional features are requested only where the adapter offers them;
+//! every kernel has a path that needs none of them.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Result, RuntimeError};
+use crate::pipeline::PipelineCache;
+use crate::pool::BufferPool;
+
+/// Which adapter to open: `auto` (the best one found), an index from `tessera devices`, or a
+/// case-insensitive substring of the adapter's name or backend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum DeviceSelector {
+    #[default]
+    Auto,
+    Index(usize),
+    Name(String),
+}
+
+impl FromStr for DeviceSelector {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        Ok(if s.is_empty() || s.eq_ignore_ascii_case("auto") {
+            DeviceSelector::Auto
+        } else if let Ok(index) = s.parse() {
+            DeviceSelector::Index(index)
+        } else {
+            DeviceSelector::Name(s.to_string())
+        })
+    }
+}
+
+impl fmt::Display for DeviceSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSelector::Auto => write!(f, "auto"),
+            DeviceSelector::Index(i) => write!(f, "{i}"),
+            DeviceSelector::Name(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// What `tessera devices` prints about one adapter.
+#[derive(Clone, Debug)]
+pub struct AdapterReport {
+    pub index: usize,
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub vendor: u32,
+    pub driver: String,
+    pub driver_info: String,
+    pub shader_f16: bool,
+    pub subgroup: bool,
+    pub subgroup_min_size: u32,
+    pub subgroup_max_size: u32,
+    pub timestamp_query: bool,
+    pub max_storage_buffer_binding_size: u64,
+    pub max_buffer_size: u64,
+    pub max_compute_workgroup_storage_size: u32,
+    pub max_compute_invocations_per_workgroup: u32,
+    pub max_compute_workgroups_per_dimension: u32,
+}
+
+/// Optional capabilities of the opened device.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DeviceFeatures {
+    pub shader_f16: bool,
+    pub subgroup: bool,
+    pub subgroup_min_size: u32,
+    pub subgroup_max_size: u32,
+    pub timestamp_query: bool,
+}
+
+/// Options for opening a device.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    pub selector: DeviceSelector,
+    /// Caps the storage-binding size below the adapter's own limit: tests use it to force
+    /// weight splitting on any device.
+    pub max_binding_override: Option<u64>,
+}
+
+/// An opened device with its queue, limits, pipeline cache and buffer pool.
+pub struct Gpu {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    limits: wgpu::Limits,
+    features: DeviceFeatures,
+    max_binding: u64,
+    pub(crate) pipelines: PipelineCache,
+    pub(crate) pool: Arc<Mutex<BufferPool>>,
+    pub(crate) device_error: Arc<Mutex<Option<String>>>,
+}
+
+fn instance() -> wgpu::Instance {
+    // WGPU_BACKEND (e.g. `vulkan`, `gl`) narrows the backends searched.
+    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+}
+
+fn adapters() -> Vec<wgpu::Adapter> {
+    pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()))
+}
+
+fn report(index: usize, adapter: &wgpu::Adapter) -> AdapterReport {
+    let info = adapter.get_info();
+    let limits = adapter.limits();
+    let features = adapter.features();
+    AdapterReport {
+        index,
+        name: info.name.clone(),
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        vendor: info.vendor,
+        driver: info.driver.clone(),
+        driver_info: info.driver_info.clone(),
+        shader_f16: features.contains(wgpu::Features::SHADER_F16),
+        subgroup: features.contains(wgpu::Features::SUBGROUP),
+        subgroup_min_size: info.subgroup_min_size,
+        subgroup_max_size: info.subgroup_max_size,
+        timestamp_query: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+        max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size as u64,
+        max_buffer_size: limits.max_buffer_size,
+        max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
+        max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
+        max_compute_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
+    }
+}
+
+/// Lists every adapter wgpu finds, in enumeration order (the indices `--device N` takes).
+pub fn enumerate_adapters() -> Vec<AdapterReport> {
+    adapters().iter().enumerate().map(|(i, a)| report(i, a)).collect()
+}
+
+/// Rank for the default choice: discrete, integrated, virtual, CPU, with OpenGL after all
+/// native backends. Lower is better.
+fn preference(info: &wgpu::AdapterInfo) -> (u8, u8) {
+    let kind = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    };
+    let backend = u8::from(info.backend == wgpu::Backend::Gl);
+    (backend, kind)
+}
+
+fn describe(reports: &[AdapterReport]) -> String {
+    if reports.is_empty() {
+        return "  (none)".to_string();
+    }
+    reports
+        .iter()
+        .map(|r| format!("  {}: {} ({}, {})", r.index, r.name, r.backend, r.device_type))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn choose(selector: &DeviceSelector) -> Result<wgpu::Adapter> {
+    let mut all = adapters();
+    if all.is_empty() {
+        return Err(RuntimeError::NoAdapter);
+    }
+    let reports: Vec<_> = all.iter().enumerate().map(|(i, a)| report(i, a)).collect();
+    let not_found = || RuntimeError::AdapterNotFound {
+        requested: selector.to_string(),
+        available: describe(&reports),
+    };
+    let index = match selector {
+        DeviceSelector::Auto => (0..all.len())
+            .min_by_key(|&i| preference(&all[i].get_info()))
+            .ok_or(RuntimeError::NoAdapter)?,
+        DeviceSelector::Index(i) if *i < all.len() => *i,
+        DeviceSelector::Index(_) => return Err(not_found()),
+        DeviceSelector::Name(name) => {
+            let needle = name.to_lowercase();
+            reports
+                .iter()
+                .position(|r| {
+                    r.name.to_lowercase().contains(&needle)
+                        || r.backend.to_lowercase() == needle
+                })
+                .ok_or_else(not_found)?
+        }
+    };
+    Ok(all.swap_remove(index))
+}
+
+impl Gpu {
+    /// Opens the adapter `options.selector` names (by default the best one found).
+    pub fn new(options: &GpuOptions) -> Result<Gpu> {
+        let adapter = choose(&options.selector)?;
+        let info = adapter.get_info();
+        let offered = adapter.features();
+
+        // Optional features only where present; the kernels run without any of them.
+        let wanted = wgpu::Features::SHADER_F16
+            | wgpu::Features::SUBGROUP
+            | wgpu::Features::TIMESTAMP_QUERY;
+        let required_features = offered & wanted;
+        let limits = adapter.limits();
+        let desc = wgpu::DeviceDescriptor {
+            label: Some("tessera"),
+            required_features,
+            required_limits: limits.clone(),
+            ..Default::default()
+        };
+        let (device, queue) = pollster::block_on(adapter.request_device(&desc)).map_err(
+            |source| RuntimeError::RequestDevice { adapter: info.name.clone(), source },
+        )?;
+
+        // Without a handler wgpu panics on a device error (out of memory, ...); keep it and
+        // report it from the next wait instead.
+        let device_error = Arc::new(Mutex::new(None));
+        let slot = device_error.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+            slot.get_or_insert_with(|| e.to_string());
+        }));
+
+        let features = DeviceFeatures {
+            shader_f16: required_features.contains(wgpu::Features::SHADER_F16),
+            subgroup: required_features.contains(wgpu::Features::SUBGROUP),
+            subgroup_min_size: info.subgroup_min_size,
+            subgroup_max_size: info.subgroup_max_size,
+            timestamp_query: required_features.contains(wgpu::Features::TIMESTAMP_QUERY),
+        };
+        let adapter_max = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+        let max_binding = options.max_binding_override.map_or(adapter_max, |o| o.min(adapter_max));
+        log::info!(
+            "device: {} ({:?}, {:?}), driver {} {}, storage binding limit {} MiB",
+            info.name,
+            info.backend,
+            info.device_type,
+            info.driver,
+            info.driver_info,
+            max_binding >> 20
+        );
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            limits,
+            features,
+            max_binding,
+            pipelines: PipelineCache::default(),
+            pool: Arc::new(Mutex::new(BufferPool::default())),
+            device_error,
+        })
+    }
+
+    /// The adapter's name, e.g. "llvmpipe (LLVM 15.0.6, 256 bits)".
+    pub fn name(&self) -> &str {
+        &self.info.name
+    }
+
+    /// The backend in use, e.g. "Vulkan".
+    pub fn backend(&self) -> String {
+        format!("{:?}", self.info.backend)
+    }
+
+    /// The adapter description as wgpu reports it.
+    pub fn info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    /// The device limits (the adapter's own, all requested).
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+
+    /// Optional features that were found and enabled.
+    pub fn features(&self) -> DeviceFeatures {
+        self.features
+    }
+
+    /// The largest buffer a kernel may bind as storage; larger weights are split by rows.
+    pub fn max_binding_size(&self) -> u64 {
+        self.max_binding
+    }
+
+    /// Waits for all submitted work and turns a device error into a typed one.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| RuntimeError::Device(e.to_string()))?;
+        self.check_error()
+    }
+
+    /// Returns the first device error reported since the last check, if any.
+    pub fn check_error(&self) -> Result<()> {
+        let mut slot = self.device_error.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.take() {
+            Some(message) => Err(RuntimeError::Device(message)),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selector_parses_auto_index_and_name() {
+        assert_eq!("auto".parse::<DeviceSelector>().unwrap(), DeviceSelector::Auto);
+        assert_eq!("".parse::<DeviceSelector>().unwrap(), DeviceSelector::Auto);
+        assert_eq!("2".parse::<DeviceSelector>().unwrap(), DeviceSelector::Index(2));
+        assert_eq!(
+            "llvmpipe".parse::<DeviceSelector>().unwrap(),
+            DeviceSelector::Name("llvmpipe".into())
+        );
+    }
+
+    #[test]
+    fn preference_puts_discrete_first_and_opengl_last() {
+        let mut info = wgpu::AdapterInfo::new(wgpu::DeviceType::Cpu, wgpu::Backend::Vulkan);
+        let cpu_vulkan = preference(&info);
+        info.device_type = wgpu::DeviceType::DiscreteGpu;
+        let discrete = preference(&info);
+        info.device_type = wgpu::DeviceType::IntegratedGpu;
+        let integrated = preference(&info);
+        info.backend = wgpu::Backend::Gl;
+        let integrated_gl = preference(&info);
+        assert!(discrete < integrated);
+        assert!(integrated < cpu_vulkan);
+        assert!(cpu_vulkan < integrated_gl);
+    }
+
+    #[test]
+    fn unknown_adapter_name_lists_what_exists() {
+        match choose(&DeviceSelector::Name("no-such-device-xyz".into())) {
+            Err(RuntimeError::AdapterNotFound { requested, .. }) => {
+                assert_eq!(requested, "no-such-device-xyz")
+            }
+            Err(RuntimeError::NoAdapter) => {} // a machine without any driver
+            other => panic!("expected AdapterNotFound, got {:?}", other.map(|a| a.get_info())),
+        }
+    }
+}

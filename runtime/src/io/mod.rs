@@ -1,0 +1,3 @@
+//! Model file I/O: GGUF over mmap.
+
+pub mod gguf;

@@ -1,0 +1,193 @@
+//! Linear layers: `y = x W^T` with W `[n, k]` in any runtime type, dequantised in registers,
+//! accumulated in f32. A few rows of x (decoding) go to the mat-vec kernel, more to the tiled
+//! matmul; a weight split into row ranges runs once per part.
+
+use crate::error::{Result, RuntimeError};
+use crate::ops::check_len;
+use crate::pipeline::PipelineKey;
+use crate::recorder::{split_groups, Recorder};
+use crate::tensor::{dequantize_row, Tensor, Weight};
+
+/// Up to this many rows of x, the mat-vec kernel is used.
+pub const MATVEC_MAX_ROWS: usize = 4;
+
+const MATVEC_WG: u32 = 64;
+const MATVEC_ROWS: u32 = 4;
+
+/// Where a linear layer reads and writes: row r of x starts at `x[x_offset + r * k]`, and
+/// column c of that row's output lands at `y[offset + r * stride + c]`.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearOut {
+    pub x_offset: usize,
+    pub offset: usize,
+    pub stride: usize,
+    /// Add into y (a fused residual) instead of overwriting it.
+    pub accumulate: bool,
+}
+
+impl LinearOut {
+    /// Dense input and a dense `[m, n]` output that is overwritten.
+    pub fn dense(n: usize) -> Self {
+        LinearOut { x_offset: 0, offset: 0, stride: n, accumulate: false }
+    }
+}
+
+/// Records `y[r, :] (+)= x[r, :] W^T` for the `m` rows of x (`[m, w.cols]`, dense).
+pub fn linear(
+    rec: &mut Recorder,
+    w: &Weight,
+    x: &Tensor,
+    m: usize,
+    y: &Tensor,
+    out: LinearOut,
+) -> Result<()> {
+    let (n, k) = (w.rows, w.cols);
+    check_len("linear input", x, out.x_offset + m * k)?;
+    if m > 0 {
+        check_len("linear output", y, out.offset + (m - 1) * out.stride + n)?;
+    }
+    if out.stride < n && m > 1 {
+        return Err(RuntimeError::Shape(format!("output stride {} < {n} columns", out.stride)));
+    }
+    let row_bytes = w.dtype.row_bytes(k)? as u32;
+    let defines = |family| {
+        PipelineKey::new(family, "main")
+            .define("WTYPE", w.dtype.ggml_id())
+            .define("BLOCK_BYTES", w.dtype.wgsl_block_bytes())
+    };
+    for part in &w.parts {
+        let mut params = vec![
+            part.rows as u32,
+            k as u32,
+            part.row_start as u32,
+            out.stride as u32,
+            out.offset as u32,
+            k as u32,
+            out.accumulate as u32,
+            row_bytes,
+            out.x_offset as u32,
+        ];
+        let buffers = [&part.buffer, x.buffer(), y.buffer()];
+        if m <= MATVEC_MAX_ROWS {
+            let key = defines("matvec").define("WG", MATVEC_WG).define("ROWS", MATVEC_ROWS);
+            let groups = split_groups(rec.gpu(), (part.rows as u32).div_ceil(MATVEC_ROWS), m as u32);
+            rec.dispatch(&key, &params, &buffers, groups)?;
+        } else {
+            params.push(m as u32);
+            let groups = [(part.rows as u32).div_ceil(32), (m as u32).div_ceil(32), 1];
+            rec.dispatch(&defines("matmul"), &params, &buffers, groups)?;
+        }
+    }
+    Ok(())
+}
+
+/// CPU reference: `x [m, k]` times the dequantised weight's transpose, accumulated in f64.
+pub fn linear_ref(w_bytes: &[u8], w: &Weight, x: &[f32], m: usize) -> Vec<f32> {
+    let (n, k) = (w.rows, w.cols);
+    let row_bytes = w.dtype.row_bytes(k).unwrap_or(0);
+    let mut wf = vec![0.0f32; k];
+    let mut y = vec![0.0f32; m * n];
+    for r in 0..n {
+        dequantize_row(w.dtype, &w_bytes[r * row_bytes..(r + 1) * row_bytes], &mut wf);
+        for i in 0..m {
+            let xr = &x[i * k..(i + 1) * k];
+            y[i * n + r] = xr.iter().zip(&wf).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32;
+        }
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::{Gpu, GpuOptions};
+    use crate::ops::test_util::{gpu, max_rel_err};
+    use crate::tensor::DType;
+    use crate::testing::{random_f32, random_weight};
+
+    fn check(gpu: &Gpu, dtype: DType, m: usize, n: usize, k: usize, seed: u64) {
+        let bytes = random_weight(dtype, n, k, seed);
+        let w = gpu.upload_weight("w", dtype, n, k, &bytes).unwrap();
+        let x = random_f32(m * k, seed + 1);
+        let xt = gpu.tensor_from(&[m, k], &x).unwrap();
+        let yt = gpu.tensor(&[m, n]).unwrap();
+        let mut rec = Recorder::new(gpu);
+        linear(&mut rec, &w, &xt, m, &yt, LinearOut::dense(n)).unwrap();
+        rec.submit().unwrap();
+        let got = gpu.read(&yt).unwrap();
+        let want = linear_ref(&bytes, &w, &x, m);
+        let err = max_rel_err(&got, &want);
+        assert!(err < 1e-4, "{dtype:?} m={m} n={n} k={k}: relative error {err}");
+    }
+
+    #[test]
+    fn matvec_matches_cpu_reference_for_every_type_on_odd_shapes() {
+        for dtype in DType::ALL {
+            for (i, &(n, k)) in [(37, 96), (1, 32), (201, 544)].iter().enumerate() {
+                for m in [1, 3] {
+                    check(gpu(), dtype, m, n, k, 10 * i as u64 + m as u64);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn float_rows_of_any_length_match_cpu_reference() {
+        for dtype in [DType::F32, DType::F16] {
+            for (n, k) in [(5, 7), (33, 61), (3, 1)] {
+                check(gpu(), dtype, 1, n, k, 7);
+                check(gpu(), dtype, 9, n, k, 8);
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_matches_cpu_reference_for_every_type_on_odd_shapes() {
+        for dtype in DType::ALL {
+            for (m, n, k) in [(5, 37, 96), (33, 65, 160), (70, 3, 32)] {
+                check(gpu(), dtype, m, n, k, (m * n) as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn weights_split_over_the_binding_limit_give_the_same_result() {
+        let options = GpuOptions { max_binding_override: Some(8192), ..Default::default() };
+        let small = Gpu::new(&options).unwrap();
+        let w = small.upload_weight("w", DType::Q8_0, 300, 96, &random_weight(DType::Q8_0, 300, 96, 3)).unwrap();
+        assert!(w.parts.len() > 1, "expected a split, got {} part(s)", w.parts.len());
+        for m in [1, 6] {
+            check(&small, DType::Q8_0, m, 300, 96, 3);
+            check(&small, DType::Q4_1, m, 257, 64, 4);
+        }
+    }
+
+    #[test]
+    fn accumulate_adds_into_the_output_at_an_offset() {
+        let gpu = gpu();
+        let (n, k) = (40, 64);
+        let bytes = random_weight(DType::Q4_0, n, k, 1);
+        let w = gpu.upload_weight("w", DType::Q4_0, n, k, &bytes).unwrap();
+        let x = random_f32(k, 2);
+        let base = random_f32(n + 5, 3);
+        let xt = gpu.tensor_from(&[k], &x).unwrap();
+        let yt = gpu.tensor_from(&[n + 5], &base).unwrap();
+        let mut rec = Recorder::new(gpu);
+        let out = LinearOut { x_offset: 0, offset: 5, stride: n, accumulate: true };
+        linear(&mut rec, &w, &xt, 1, &yt, out).unwrap();
+        rec.submit().unwrap();
+        let got = gpu.read(&yt).unwrap();
+        let prod = linear_ref(&bytes, &w, &x, 1);
+        let mut want = base.clone();
+        for i in 0..n {
+            want[5 + i] += prod[i];
+        }
+        assert!(max_rel_err(&got, &want) < 1e-4);
+    }
+
+    #[test]
+    fn quantized_rows_that_are_not_whole_blocks_are_rejected() {
+        assert!(DType::Q4_1.row_bytes(40).is_err());
+        assert!(gpu().upload_weight("w", DType::Q8_0, 2, 40, &[0; 80]).is_err());
+    }
+}

@@ -1,0 +1,76 @@
+//! Kernel families: for each, the dispatch code beside a CPU reference that tests compare
+//! against on random inputs of odd shapes.
+//!
+//! Every op records into a [`Recorder`](crate::recorder::Recorder); nothing here waits for the
+//! device. Shapes are checked before a dispatch, so a bad shape is an error, not a wrong result.
+
+pub mod argmax;
+pub mod attention;
+pub mod elementwise;
+pub mod embedding;
+pub mod linear;
+pub mod rmsnorm;
+pub mod rope;
+pub mod softmax;
+
+pub use argmax::argmax;
+pub use attention::{attention, AttentionParams};
+pub use elementwise::{add, swiglu};
+pub use embedding::embedding;
+pub use linear::{linear, LinearOut};
+pub use rmsnorm::rmsnorm;
+pub use rope::{rope, RopeLayout, RopeParams};
+pub use softmax::softmax;
+
+use crate::error::{Result, RuntimeError};
+use crate::tensor::Tensor;
+
+/// Fails unless `t` holds at least `len` elements.
+pub(crate) fn check_len(what: &str, t: &Tensor, len: usize) -> Result<()> {
+    if t.len() < len {
+        return Err(RuntimeError::Shape(format!(
+            "{what}: tensor of shape {:?} holds {} elements, {len} needed",
+            t.shape(),
+            t.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The largest power of two not above `n` (and at least 1).
+pub(crate) fn pow2_floor(n: u32) -> u32 {
+    if n == 0 {
+        1
+    } else {
+        1 << (31 - n.leading_zeros())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use std::sync::OnceLock;
+
+    use crate::gpu::{Gpu, GpuOptions};
+
+    /// The device every kernel test runs on; tests fail (not skip) when there is none.
+    pub fn gpu() -> &'static Gpu {
+        static GPU: OnceLock<Gpu> = OnceLock::new();
+        GPU.get_or_init(|| {
+            let options = GpuOptions {
+                selector: std::env::var("TESSERA_DEVICE")
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or_default(),
+                ..Default::default()
+            };
+            Gpu::new(&options).expect("kernel tests need a GPU adapter (lavapipe will do)")
+        })
+    }
+
+    /// Largest absolute difference, scaled by the larger of 1 and the reference's magnitude.
+    pub fn max_rel_err(got: &[f32], want: &[f32]) -> f32 {
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(1.0f32, |a, &b| a.max(b.abs()));
+        got.iter().zip(want).fold(0.0f32, |a, (g, w)| a.max((g - w).abs())) / scale
+    }
+}

@@ -1,0 +1,192 @@
+//! Records dispatches and copies, then submits them as one command buffer.
+//!
+//! Kernel parameters go into a uniform arena that is written once per submit; bind groups are
+//! made at submit time. A decode step is one `Recorder`: one submit, one wait for the sampled
+//! token.
+
+use std::num::NonZeroU64;
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::gpu::Gpu;
+use crate::pipeline::PipelineKey;
+use crate::tensor::Tensor;
+
+enum Step {
+    Dispatch {
+        pipeline: Arc<wgpu::ComputePipeline>,
+        buffers: Vec<wgpu::Buffer>,
+        params: Option<(u64, u64)>,
+        groups: [u32; 3],
+    },
+    Copy {
+        src: wgpu::Buffer,
+        src_offset: u64,
+        dst: wgpu::Buffer,
+        dst_offset: u64,
+        size: u64,
+    },
+}
+
+/// Handle to a read requested with [`Recorder::read`]; indexes the result of `submit`.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadId(usize);
+
+impl ReadId {
+    /// Position of this read in the vector `submit` returns.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// A batch of GPU work, submitted at once.
+pub struct Recorder<'g> {
+    gpu: &'g Gpu,
+    steps: Vec<Step>,
+    arena: Vec<u8>,
+    reads: Vec<(wgpu::Buffer, u64, u64)>,
+}
+
+impl<'g> Recorder<'g> {
+    pub fn new(gpu: &'g Gpu) -> Self {
+        Recorder { gpu, steps: Vec::new(), arena: Vec::new(), reads: Vec::new() }
+    }
+
+    pub fn gpu(&self) -> &'g Gpu {
+        self.gpu
+    }
+
+    /// Records one dispatch of the pipeline `key`. Binding 0 is the uniform `params` (when not
+    /// empty), bindings 1.. are `buffers` in order.
+    pub(crate) fn dispatch(
+        &mut self,
+        key: &PipelineKey,
+        params: &[u32],
+        buffers: &[&wgpu::Buffer],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        if groups.contains(&0) {
+            return Ok(());
+        }
+        let pipeline = self.gpu.pipelines.get(&self.gpu.device, key)?;
+        let params = if params.is_empty() {
+            None
+        } else {
+            let align = self.gpu.limits().min_uniform_buffer_offset_alignment.max(16) as usize;
+            let offset = self.arena.len().div_ceil(align) * align;
+            self.arena.resize(offset, 0);
+            self.arena.extend_from_slice(bytemuck::cast_slice(params));
+            let size = (params.len() * 4).div_ceil(16) * 16;
+            self.arena.resize(offset + size, 0);
+            Some((offset as u64, size as u64))
+        };
+        let buffers = buffers.iter().map(|b| (*b).clone()).collect();
+        self.steps.push(Step::Dispatch { pipeline, buffers, params, groups });
+        Ok(())
+    }
+
+    /// Records a copy of `len` f32 elements between tensors.
+    pub fn copy(&mut self, src: &Tensor, src_elem: usize, dst: &Tensor, dst_elem: usize, len: usize) {
+        self.steps.push(Step::Copy {
+            src: src.buffer().clone(),
+            src_offset: src_elem as u64 * 4,
+            dst: dst.buffer().clone(),
+            dst_offset: dst_elem as u64 * 4,
+            size: len as u64 * 4,
+        });
+    }
+
+    /// Asks for `len` elements of `t` from element `offset` to be read back after the work.
+    pub fn read(&mut self, t: &Tensor, offset: usize, len: usize) -> ReadId {
+        self.reads.push((t.buffer().clone(), offset as u64 * 4, len as u64 * 4));
+        ReadId(self.reads.len() - 1)
+    }
+
+    /// Number of dispatches recorded so far.
+    pub fn dispatch_count(&self) -> usize {
+        self.steps.iter().filter(|s| matches!(s, Step::Dispatch { .. })).count()
+    }
+
+    /// Submits everything as one command buffer. When reads were requested, waits for them and
+    /// returns their bytes, indexed by [`ReadId`]; otherwise returns without waiting.
+    pub fn submit(self) -> Result<Vec<Vec<u8>>> {
+        let gpu = self.gpu;
+        let device = &gpu.device;
+        let arena = if self.arena.is_empty() {
+            None
+        } else {
+            let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("uniform arena"),
+                size: self.arena.len() as u64,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            gpu.queue.write_buffer(&buffer, 0, &self.arena);
+            Some(buffer)
+        };
+
+        let mut encoder = device.create_command_encoder(&Default::default());
+        let mut pass: Option<wgpu::ComputePass<'static>> = None;
+        for step in &self.steps {
+            match step {
+                Step::Dispatch { pipeline, buffers, params, groups } => {
+                    let mut entries = Vec::with_capacity(buffers.len() + 1);
+                    if let (Some((offset, size)), Some(arena)) = (params, &arena) {
+                        entries.push(wgpu::BindGroupEntry {
+                            binding: 0,
+                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer: arena,
+                                offset: *offset,
+                                size: NonZeroU64::new(*size),
+                            }),
+                        });
+                    }
+                    for (i, b) in buffers.iter().enumerate() {
+                        entries.push(wgpu::BindGroupEntry {
+                            binding: i as u32 + 1,
+                            resource: b.as_entire_binding(),
+                        });
+                    }
+                    let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: None,
+                        layout: &pipeline.get_bind_group_layout(0),
+                        entries: &entries,
+                    });
+                    let p = pass.get_or_insert_with(|| {
+                        encoder.begin_compute_pass(&Default::default()).forget_lifetime()
+                    });
+                    p.set_pipeline(pipeline);
+                    p.set_bind_group(0, &bind_group, &[]);
+                    p.dispatch_workgroups(groups[0], groups[1], groups[2]);
+                }
+                Step::Copy { src, src_offset, dst, dst_offset, size } => {
+                    drop(pass.take());
+                    encoder.copy_buffer_to_buffer(src, *src_offset, dst, *dst_offset, *size);
+                }
+            }
+        }
+        drop(pass.take());
+
+        let mut stagings = Vec::with_capacity(self.reads.len());
+        for (buffer, offset, len) in &self.reads {
+            let staging = gpu.staging(*len)?;
+            encoder.copy_buffer_to_buffer(buffer, *offset, &staging, 0, len.div_ceil(4) * 4);
+            stagings.push((staging, *len));
+        }
+        gpu.queue.submit([encoder.finish()]);
+        gpu.check_error()?;
+        stagings.iter().map(|(s, len)| gpu.map_staging(s, *len)).collect()
+    }
+}
+
+/// Splits `n` workgroups over x and y so neither exceeds the device's per-dimension limit.
+/// Kernels recover the linear index as `wid.x + wid.y * num_workgroups.x`.
+pub(crate) fn split_groups(gpu: &Gpu, n: u32, z: u32) -> [u32; 3] {
+    let max = gpu.limits().max_compute_workgroups_per_dimension.max(1);
+    if n <= max {
+        [n, 1, z]
+    } else {
+        let y = n.div_ceil(max);
+        [n.div_ceil(y), y, z]
+    }
+}

@@ -1,0 +1,71 @@
+// In-register dequantisation of GGUF weight rows, shared by the kernels that read weights.
+//
+// The including kernel declares `weights: array<u32>` (the tensor's GGUF bytes, little-endian
+// words) and the defines WTYPE (GGML type id: 0 F32, 1 F16, 2 Q4_0, 3 Q4_1, 8 Q8_0) and
+// BLOCK_BYTES (bytes per 32 elements). Rows are addressed by their byte offset; Q8_0 and Q4_0
+// blocks are only 2-byte aligned, so words are read through `read_u32_at`.
+
+// The 32-bit word at a 2-byte-aligned byte offset.
+fn read_u32_at(byte: u32) -> u32 {
+    let w = byte >> 2u;
+    if ((byte & 3u) == 0u) {
+        return weights[w];
+    }
+    return (weights[w] >> 16u) | (weights[w + 1u] << 16u);
+}
+
+// The f16 at a 2-byte-aligned byte offset, widened to f32.
+fn read_f16_at(byte: u32) -> f32 {
+    let word = weights[byte >> 2u];
+    return unpack2x16float(word >> ((byte & 2u) * 8u)).x;
+}
+
+// Four signed bytes of a word, as f32.
+fn i8x4(q: u32) -> vec4<f32> {
+    let s = bitcast<i32>(q);
+    return vec4<f32>(
+        f32(extractBits(s, 0u, 8u)),
+        f32(extractBits(s, 8u, 8u)),
+        f32(extractBits(s, 16u, 8u)),
+        f32(extractBits(s, 24u, 8u)),
+    );
+}
+
+// Four unsigned nibbles, taken from the low nibble of each byte of `q`.
+fn u4x4(q: u32) -> vec4<f32> {
+    return vec4<f32>(
+        f32(q & 15u),
+        f32((q >> 8u) & 15u),
+        f32((q >> 16u) & 15u),
+        f32((q >> 24u) & 15u),
+    );
+}
+
+// Elements 4g .. 4g+3 of the row that starts at byte `row`. For F32 and F16 a row of k elements
+// may end inside the last group: the caller masks elements at or past k.
+fn dequant4(row: u32, g: u32) -> vec4<f32> {
+    if (WTYPE == 0u) {
+        let w = (row >> 2u) + g * 4u;
+        return bitcast<vec4<f32>>(vec4<u32>(weights[w], weights[w + 1u], weights[w + 2u], weights[w + 3u]));
+    }
+    if (WTYPE == 1u) {
+        let b = row + g * 8u;
+        return vec4<f32>(unpack2x16float(read_u32_at(b)), unpack2x16float(read_u32_at(b + 4u)));
+    }
+    let block = row + (g >> 3u) * BLOCK_BYTES;
+    let j = g & 7u;
+    if (WTYPE == 8u) {
+        // Q8_0: f16 d, then 32 signed bytes; x = d * q.
+        return read_f16_at(block) * i8x4(read_u32_at(block + 2u + 4u * j));
+    }
+    if (WTYPE == 2u) {
+        // Q4_0: f16 d, then 16 bytes; low nibbles are elements 0..15, high ones 16..31;
+        // x = d * (q - 8).
+        let q = read_u32_at(block + 2u + 4u * (j & 3u)) >> ((j >> 2u) * 4u);
+        return read_f16_at(block) * (u4x4(q) - 8.0);
+    }
+    // Q4_1: f16 d, f16 m, then 16 bytes laid out as in Q4_0; x = d * q + m.
+    let dm = unpack2x16float(read_u32_at(block));
+    let q = read_u32_at(block + 4u + 4u * (j & 3u)) >> ((j >> 2u) * 4u);
+    return dm.x * u4x4(q) + dm.y;
+}
