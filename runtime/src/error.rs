@@ -16,7 +16,10 @@ pub enum RuntimeError {
 
     /// The adapter the user asked for is not there.
     #[error("no adapter matches `{requested}`; adapters found:\n{available}")]
-    AdapterNotFound { requested: String, available: String },
+    AdapterNotFound {
+        requested: String,
+        available: String,
+    },
 
     /// The adapter refused to create a device.
     #[error("could not open the device on adapter `{adapter}`: {source}")]
@@ -35,7 +38,11 @@ pub enum RuntimeError {
         "{what} needs {bytes} bytes in one buffer, more than this device's limit of {limit} \
          bytes; try a smaller --ctx-size or batch"
     )]
-    BufferTooLarge { what: String, bytes: u64, limit: u64 },
+    BufferTooLarge {
+        what: String,
+        bytes: u64,
+        limit: u64,
+    },
 
     /// Reading results back from the device failed.
     #[error("reading back from the GPU failed: {0}")]

@@ -137,7 +137,11 @@ fn report(index: usize, adapter: &wgpu::Adapter) -> AdapterReport {
 
 /// Lists every adapter wgpu finds, in enumeration order (the indices `--device N` takes).
 pub fn enumerate_adapters() -> Vec<AdapterReport> {
-    adapters().iter().enumerate().map(|(i, a)| report(i, a)).collect()
+    adapters()
+        .iter()
+        .enumerate()
+        .map(|(i, a)| report(i, a))
+        .collect()
 }
 
 /// Rank for the default choice: discrete, integrated, virtual, CPU, with OpenGL after all
@@ -160,7 +164,12 @@ fn describe(reports: &[AdapterReport]) -> String {
     }
     reports
         .iter()
-        .map(|r| format!("  {}: {} ({}, {})", r.index, r.name, r.backend, r.device_type))
+        .map(|r| {
+            format!(
+                "  {}: {} ({}, {})",
+                r.index, r.name, r.backend, r.device_type
+            )
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -186,8 +195,7 @@ fn choose(selector: &DeviceSelector) -> Result<wgpu::Adapter> {
             reports
                 .iter()
                 .position(|r| {
-                    r.name.to_lowercase().contains(&needle)
-                        || r.backend.to_lowercase() == needle
+                    r.name.to_lowercase().contains(&needle) || r.backend.to_lowercase() == needle
                 })
                 .ok_or_else(not_found)?
         }
@@ -203,9 +211,8 @@ impl Gpu {
         let offered = adapter.features();
 
         // Optional features only where present; the kernels run without any of them.
-        let wanted = wgpu::Features::SHADER_F16
-            | wgpu::Features::SUBGROUP
-            | wgpu::Features::TIMESTAMP_QUERY;
+        let wanted =
+            wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
         let required_features = offered & wanted;
         let limits = adapter.limits();
         let desc = wgpu::DeviceDescriptor {
@@ -214,9 +221,13 @@ impl Gpu {
             required_limits: limits.clone(),
             ..Default::default()
         };
-        let (device, queue) = pollster::block_on(adapter.request_device(&desc)).map_err(
-            |source| RuntimeError::RequestDevice { adapter: info.name.clone(), source },
-        )?;
+        let (device, queue) =
+            pollster::block_on(adapter.request_device(&desc)).map_err(|source| {
+                RuntimeError::RequestDevice {
+                    adapter: info.name.clone(),
+                    source,
+                }
+            })?;
 
         // Without a handler wgpu panics on a device error (out of memory, ...); keep it and
         // report it from the next wait instead.
@@ -234,8 +245,11 @@ impl Gpu {
             subgroup_max_size: info.subgroup_max_size,
             timestamp_query: required_features.contains(wgpu::Features::TIMESTAMP_QUERY),
         };
-        let adapter_max = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
-        let max_binding = options.max_binding_override.map_or(adapter_max, |o| o.min(adapter_max));
+        let adapter_max =
+            (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+        let max_binding = options
+            .max_binding_override
+            .map_or(adapter_max, |o| o.min(adapter_max));
         log::info!(
             "device: {} ({:?}, {:?}), driver {} {}, storage binding limit {} MiB",
             info.name,
@@ -312,9 +326,15 @@ mod tests {
 
     #[test]
     fn selector_parses_auto_index_and_name() {
-        assert_eq!("auto".parse::<DeviceSelector>().unwrap(), DeviceSelector::Auto);
+        assert_eq!(
+            "auto".parse::<DeviceSelector>().unwrap(),
+            DeviceSelector::Auto
+        );
         assert_eq!("".parse::<DeviceSelector>().unwrap(), DeviceSelector::Auto);
-        assert_eq!("2".parse::<DeviceSelector>().unwrap(), DeviceSelector::Index(2));
+        assert_eq!(
+            "2".parse::<DeviceSelector>().unwrap(),
+            DeviceSelector::Index(2)
+        );
         assert_eq!(
             "llvmpipe".parse::<DeviceSelector>().unwrap(),
             DeviceSelector::Name("llvmpipe".into())
@@ -343,7 +363,10 @@ mod tests {
                 assert_eq!(requested, "no-such-device-xyz")
             }
             Err(RuntimeError::NoAdapter) => {} // a machine without any driver
-            other => panic!("expected AdapterNotFound, got {:?}", other.map(|a| a.get_info())),
+            other => panic!(
+                "expected AdapterNotFound, got {:?}",
+                other.map(|a| a.get_info())
+            ),
         }
     }
 }

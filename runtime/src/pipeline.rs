@@ -16,7 +16,11 @@ pub struct PipelineKey {
 
 impl PipelineKey {
     pub fn new(family: &'static str, entry: &'static str) -> Self {
-        PipelineKey { family, entry, defines: Vec::new() }
+        PipelineKey {
+            family,
+            entry,
+            defines: Vec::new(),
+        }
     }
 
     pub fn define(mut self, name: &'static str, value: u32) -> Self {
@@ -33,13 +37,20 @@ pub struct PipelineCache {
 
 impl PipelineCache {
     /// Returns the pipeline for `key`, compiling it on first use.
-    pub fn get(&self, device: &wgpu::Device, key: &PipelineKey) -> Result<Arc<wgpu::ComputePipeline>> {
+    pub fn get(
+        &self,
+        device: &wgpu::Device,
+        key: &PipelineKey,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
         let mut map = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = map.get(key) {
             return Ok(p.clone());
         }
         let label = format!("{}::{} {:?}", key.family, key.entry, key.defines);
-        let shader_error = |message: String| RuntimeError::Shader { kernel: label.clone(), message };
+        let shader_error = |message: String| RuntimeError::Shader {
+            kernel: label.clone(),
+            message,
+        };
         let text = shaders::assemble(key.family, &key.defines)
             .ok_or_else(|| shader_error("no such kernel family".into()))?;
         // naga's own validation first: its errors point at the WGSL line.

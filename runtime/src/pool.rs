@@ -31,6 +31,9 @@ impl BufferPool {
             return;
         }
         self.free_bytes += size;
-        self.free.entry((size, buffer.usage().bits())).or_default().push(buffer);
+        self.free
+            .entry((size, buffer.usage().bits()))
+            .or_default()
+            .push(buffer);
     }
 }

@@ -49,7 +49,12 @@ pub struct Recorder<'g> {
 
 impl<'g> Recorder<'g> {
     pub fn new(gpu: &'g Gpu) -> Self {
-        Recorder { gpu, steps: Vec::new(), arena: Vec::new(), reads: Vec::new() }
+        Recorder {
+            gpu,
+            steps: Vec::new(),
+            arena: Vec::new(),
+            reads: Vec::new(),
+        }
     }
 
     pub fn gpu(&self) -> &'g Gpu {
@@ -72,7 +77,11 @@ impl<'g> Recorder<'g> {
         let params = if params.is_empty() {
             None
         } else {
-            let align = self.gpu.limits().min_uniform_buffer_offset_alignment.max(16) as usize;
+            let align = self
+                .gpu
+                .limits()
+                .min_uniform_buffer_offset_alignment
+                .max(16) as usize;
             let offset = self.arena.len().div_ceil(align) * align;
             self.arena.resize(offset, 0);
             self.arena.extend_from_slice(bytemuck::cast_slice(params));
@@ -81,12 +90,24 @@ impl<'g> Recorder<'g> {
             Some((offset as u64, size as u64))
         };
         let buffers = buffers.iter().map(|b| (*b).clone()).collect();
-        self.steps.push(Step::Dispatch { pipeline, buffers, params, groups });
+        self.steps.push(Step::Dispatch {
+            pipeline,
+            buffers,
+            params,
+            groups,
+        });
         Ok(())
     }
 
     /// Records a copy of `len` f32 elements between tensors.
-    pub fn copy(&mut self, src: &Tensor, src_elem: usize, dst: &Tensor, dst_elem: usize, len: usize) {
+    pub fn copy(
+        &mut self,
+        src: &Tensor,
+        src_elem: usize,
+        dst: &Tensor,
+        dst_elem: usize,
+        len: usize,
+    ) {
         self.steps.push(Step::Copy {
             src: src.buffer().clone(),
             src_offset: src_elem as u64 * 4,
@@ -98,13 +119,17 @@ impl<'g> Recorder<'g> {
 
     /// Asks for `len` elements of `t` from element `offset` to be read back after the work.
     pub fn read(&mut self, t: &Tensor, offset: usize, len: usize) -> ReadId {
-        self.reads.push((t.buffer().clone(), offset as u64 * 4, len as u64 * 4));
+        self.reads
+            .push((t.buffer().clone(), offset as u64 * 4, len as u64 * 4));
         ReadId(self.reads.len() - 1)
     }
 
     /// Number of dispatches recorded so far.
     pub fn dispatch_count(&self) -> usize {
-        self.steps.iter().filter(|s| matches!(s, Step::Dispatch { .. })).count()
+        self.steps
+            .iter()
+            .filter(|s| matches!(s, Step::Dispatch { .. }))
+            .count()
     }
 
     /// Submits everything as one command buffer. When reads were requested, waits for them and
@@ -129,7 +154,12 @@ impl<'g> Recorder<'g> {
         let mut pass: Option<wgpu::ComputePass<'static>> = None;
         for step in &self.steps {
             match step {
-                Step::Dispatch { pipeline, buffers, params, groups } => {
+                Step::Dispatch {
+                    pipeline,
+                    buffers,
+                    params,
+                    groups,
+                } => {
                     let mut entries = Vec::with_capacity(buffers.len() + 1);
                     if let (Some((offset, size)), Some(arena)) = (params, &arena) {
                         entries.push(wgpu::BindGroupEntry {
@@ -153,13 +183,21 @@ impl<'g> Recorder<'g> {
                         entries: &entries,
                     });
                     let p = pass.get_or_insert_with(|| {
-                        encoder.begin_compute_pass(&Default::default()).forget_lifetime()
+                        encoder
+                            .begin_compute_pass(&Default::default())
+                            .forget_lifetime()
                     });
                     p.set_pipeline(pipeline);
                     p.set_bind_group(0, &bind_group, &[]);
                     p.dispatch_workgroups(groups[0], groups[1], groups[2]);
                 }
-                Step::Copy { src, src_offset, dst, dst_offset, size } => {
+                Step::Copy {
+                    src,
+                    src_offset,
+                    dst,
+                    dst_offset,
+                    size,
+                } => {
                     drop(pass.take());
                     encoder.copy_buffer_to_buffer(src, *src_offset, dst, *dst_offset, *size);
                 }
@@ -175,7 +213,10 @@ impl<'g> Recorder<'g> {
         }
         gpu.queue.submit([encoder.finish()]);
         gpu.check_error()?;
-        stagings.iter().map(|(s, len)| gpu.map_staging(s, *len)).collect()
+        stagings
+            .iter()
+            .map(|(s, len)| gpu.map_staging(s, *len))
+            .collect()
     }
 }
 

@@ -12,7 +12,10 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("rmsnorm", include_str!("../../shaders/rmsnorm.wgsl")),
     ("rope", include_str!("../../shaders/rope.wgsl")),
     ("attention", include_str!("../../shaders/attention.wgsl")),
-    ("elementwise", include_str!("../../shaders/elementwise.wgsl")),
+    (
+        "elementwise",
+        include_str!("../../shaders/elementwise.wgsl"),
+    ),
     ("softmax", include_str!("../../shaders/softmax.wgsl")),
     ("argmax", include_str!("../../shaders/argmax.wgsl")),
 ];
@@ -47,6 +50,8 @@ pub fn validate(text: &str) -> Result<naga::Module, String> {
         naga::valid::ValidationFlags::all(),
         naga::valid::Capabilities::all(),
     );
-    validator.validate(&module).map_err(|e| e.emit_to_string(text))?;
+    validator
+        .validate(&module)
+        .map_err(|e| e.emit_to_string(text))?;
     Ok(module)
 }

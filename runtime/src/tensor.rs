@@ -24,7 +24,13 @@ pub enum DType {
 
 impl DType {
     /// All types the runtime runs, for tests and benchmarks.
-    pub const ALL: [DType; 5] = [DType::F32, DType::F16, DType::Q4_0, DType::Q4_1, DType::Q8_0];
+    pub const ALL: [DType; 5] = [
+        DType::F32,
+        DType::F16,
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q8_0,
+    ];
 
     /// GGML's type id (the value in GGUF tensor infos).
     pub fn ggml_id(self) -> u32 {
@@ -181,7 +187,10 @@ impl Tensor {
                 self.shape
             )));
         }
-        Ok(Tensor { buf: self.buf.clone(), shape: shape.to_vec() })
+        Ok(Tensor {
+            buf: self.buf.clone(),
+            shape: shape.to_vec(),
+        })
     }
 }
 
@@ -216,9 +225,17 @@ impl Gpu {
         let size = bucket(size);
         let limit = self.limits().max_buffer_size;
         if size > limit {
-            return Err(RuntimeError::BufferTooLarge { what: what.into(), bytes: size, limit });
+            return Err(RuntimeError::BufferTooLarge {
+                what: what.into(),
+                bytes: size,
+                limit,
+            });
         }
-        let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).take(size, usage);
+        let pooled = self
+            .pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(size, usage);
         Ok(pooled.unwrap_or_else(|| {
             self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(what),
@@ -240,8 +257,14 @@ impl Gpu {
             });
         }
         let buffer = self.raw_buffer("tensor", bytes, STORAGE)?;
-        let buf = Arc::new(PooledBuffer { buffer, pool: Arc::downgrade(&self.pool) });
-        Ok(Tensor { buf, shape: shape.to_vec() })
+        let buf = Arc::new(PooledBuffer {
+            buffer,
+            pool: Arc::downgrade(&self.pool),
+        });
+        Ok(Tensor {
+            buf,
+            shape: shape.to_vec(),
+        })
     }
 
     /// A tensor holding `data`.
@@ -253,7 +276,8 @@ impl Gpu {
                 data.len()
             )));
         }
-        self.queue.write_buffer(t.buffer(), 0, bytemuck::cast_slice(data));
+        self.queue
+            .write_buffer(t.buffer(), 0, bytemuck::cast_slice(data));
         Ok(t)
     }
 
@@ -262,7 +286,8 @@ impl Gpu {
         if data.len() > t.len() {
             return Err(RuntimeError::Shape("write larger than the tensor".into()));
         }
-        self.queue.write_buffer(t.buffer(), 0, bytemuck::cast_slice(data));
+        self.queue
+            .write_buffer(t.buffer(), 0, bytemuck::cast_slice(data));
         Ok(())
     }
 
@@ -271,7 +296,8 @@ impl Gpu {
         if data.len() > t.len() {
             return Err(RuntimeError::Shape("write larger than the tensor".into()));
         }
-        self.queue.write_buffer(t.buffer(), 0, bytemuck::cast_slice(data));
+        self.queue
+            .write_buffer(t.buffer(), 0, bytemuck::cast_slice(data));
         Ok(())
     }
 
@@ -323,10 +349,19 @@ impl Gpu {
                 view.slice(..chunk.len()).copy_from_slice(chunk);
             }
             buffer.unmap();
-            parts.push(WeightPart { buffer, row_start, rows: n });
+            parts.push(WeightPart {
+                buffer,
+                row_start,
+                rows: n,
+            });
             row_start += n;
         }
-        Ok(Weight { dtype, rows, cols, parts })
+        Ok(Weight {
+            dtype,
+            rows,
+            cols,
+            parts,
+        })
     }
 
     /// Copies a tensor back to the host.
@@ -336,7 +371,12 @@ impl Gpu {
     }
 
     /// Copies `len` bytes at `offset` of a buffer back to the host.
-    pub(crate) fn read_bytes(&self, buffer: &wgpu::Buffer, offset: u64, len: u64) -> Result<Vec<u8>> {
+    pub(crate) fn read_bytes(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>> {
         let mut encoder = self.device.create_command_encoder(&Default::default());
         let staging = self.staging(len)?;
         encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, len.div_ceil(4) * 4);
@@ -363,12 +403,16 @@ impl Gpu {
             .map_err(|e| RuntimeError::Readback(e.to_string()))?
             .map_err(|e| RuntimeError::Readback(e.to_string()))?;
         let data = {
-            let view =
-                staging.get_mapped_range(..).map_err(|e| RuntimeError::Readback(e.to_string()))?;
+            let view = staging
+                .get_mapped_range(..)
+                .map_err(|e| RuntimeError::Readback(e.to_string()))?;
             view[..len as usize].to_vec()
         };
         staging.unmap();
-        self.pool.lock().unwrap_or_else(|p| p.into_inner()).give(staging.clone());
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .give(staging.clone());
         Ok(data)
     }
 }

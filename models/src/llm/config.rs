@@ -38,10 +38,13 @@ impl LlamaConfig {
             });
         }
         let key = |k: &str| format!("{arch}.{k}");
-        let usize_of = |k: &str| -> Result<usize, GgufError> { Ok(file.get_u32(&key(k))? as usize) };
+        let usize_of =
+            |k: &str| -> Result<usize, GgufError> { Ok(file.get_u32(&key(k))? as usize) };
         let n_embd = usize_of("embedding_length")?;
         let n_head = usize_of("attention.head_count")?;
-        let n_head_kv = file.get_u32_opt(&key("attention.head_count_kv"))?.map_or(n_head, |v| v as usize);
+        let n_head_kv = file
+            .get_u32_opt(&key("attention.head_count_kv"))?
+            .map_or(n_head, |v| v as usize);
         if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
             return Err(LlmError::BadConfig(format!(
                 "{n_head} attention heads cannot share {n_head_kv} KV heads"
@@ -56,7 +59,9 @@ impl LlamaConfig {
                 )))
             }
         };
-        let n_rot = file.get_u32_opt(&key("rope.dimension_count"))?.map_or(head_dim, |v| v as usize);
+        let n_rot = file
+            .get_u32_opt(&key("rope.dimension_count"))?
+            .map_or(head_dim, |v| v as usize);
         let n_vocab = match file.get_u32_opt(&key("vocab_size"))? {
             Some(v) => v as usize,
             None => file.get_str_array("tokenizer.ggml.tokens")?.len(),
@@ -72,13 +77,19 @@ impl LlamaConfig {
             rope_base: file.get_f32_opt(&key("rope.freq_base"))?.unwrap_or(10000.0),
             // GGUF's llama tensors are stored permuted for GGML's normal (adjacent-pair) RoPE.
             rope_layout: RopeLayout::Normal,
-            rms_eps: file.get_f32_opt(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
-            n_ctx_train: file.get_u32_opt(&key("context_length"))?.map_or(2048, |v| v as usize),
+            rms_eps: file
+                .get_f32_opt(&key("attention.layer_norm_rms_epsilon"))?
+                .unwrap_or(1e-5),
+            n_ctx_train: file
+                .get_u32_opt(&key("context_length"))?
+                .map_or(2048, |v| v as usize),
             n_vocab,
             architecture: arch,
         };
         if config.n_rot > config.head_dim || config.n_rot % 2 != 0 || config.n_layer == 0 {
-            return Err(LlmError::BadConfig(format!("inconsistent hyperparameters: {config:?}")));
+            return Err(LlmError::BadConfig(format!(
+                "inconsistent hyperparameters: {config:?}"
+            )));
         }
         Ok(config)
     }

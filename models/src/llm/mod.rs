@@ -4,12 +4,14 @@
 pub mod chat;
 pub mod config;
 pub mod generate;
+pub mod load;
 pub mod model;
 pub mod perplexity;
 pub mod sampler;
 pub mod tokenizer;
 
 pub use config::{LlamaConfig, SUPPORTED_ARCHITECTURES};
+pub use load::LoadedModel;
 pub use model::{LlamaModel, Logits, Session};
 
 use tessera_runtime::io::gguf::GgufError;
@@ -34,7 +36,11 @@ pub enum LlmError {
     MissingTensor(String),
 
     #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
-    TensorShape { name: String, expected: Vec<u64>, found: Vec<u64> },
+    TensorShape {
+        name: String,
+        expected: Vec<u64>,
+        found: Vec<u64>,
+    },
 
     #[error(
         "tensor `{name}` has type {dtype}, which Tessera cannot run yet (it runs F32, F16, Q4_0, \
@@ -46,7 +52,12 @@ pub enum LlmError {
         "{tokens} tokens do not fit in the context of {n_ctx} ({n_past} already used); pass a \
          larger --ctx-size (this model was trained with {n_ctx_train}) or a shorter prompt"
     )]
-    ContextFull { tokens: usize, n_past: usize, n_ctx: usize, n_ctx_train: usize },
+    ContextFull {
+        tokens: usize,
+        n_past: usize,
+        n_ctx: usize,
+        n_ctx_train: usize,
+    },
 
     #[error("token id {id} is outside the vocabulary of {n_vocab}")]
     BadToken { id: u32, n_vocab: usize },

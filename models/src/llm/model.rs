@@ -38,7 +38,9 @@ pub struct LlamaModel {
 }
 
 fn check_dims(file: &GgufFile, name: &str, expected: &[u64]) -> Result<(), LlmError> {
-    let info = file.tensor(name).ok_or_else(|| LlmError::MissingTensor(name.to_string()))?;
+    let info = file
+        .tensor(name)
+        .ok_or_else(|| LlmError::MissingTensor(name.to_string()))?;
     if info.dims() != expected {
         return Err(LlmError::TensorShape {
             name: name.to_string(),
@@ -50,7 +52,9 @@ fn check_dims(file: &GgufFile, name: &str, expected: &[u64]) -> Result<(), LlmEr
 }
 
 fn dtype_of(file: &GgufFile, name: &str) -> Result<DType, LlmError> {
-    let info = file.tensor(name).ok_or_else(|| LlmError::MissingTensor(name.to_string()))?;
+    let info = file
+        .tensor(name)
+        .ok_or_else(|| LlmError::MissingTensor(name.to_string()))?;
     DType::from_ggml_id(info.ggml_type().id()).ok_or_else(|| LlmError::UnsupportedTensorType {
         name: name.to_string(),
         dtype: info.ggml_type().name().to_string(),
@@ -58,10 +62,18 @@ fn dtype_of(file: &GgufFile, name: &str) -> Result<DType, LlmError> {
 }
 
 /// Uploads the `[rows, cols]` weight `name` (GGML dims `[cols, rows]`).
-fn load_weight(gpu: &Gpu, file: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<Weight, LlmError> {
+fn load_weight(
+    gpu: &Gpu,
+    file: &GgufFile,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<Weight, LlmError> {
     check_dims(file, name, &[cols as u64, rows as u64])?;
     let dtype = dtype_of(file, name)?;
-    let info = file.tensor(name).ok_or_else(|| LlmError::MissingTensor(name.to_string()))?;
+    let info = file
+        .tensor(name)
+        .ok_or_else(|| LlmError::MissingTensor(name.to_string()))?;
     Ok(gpu.upload_weight(name, dtype, rows, cols, file.tensor_data(info))?)
 }
 
@@ -69,7 +81,9 @@ fn load_weight(gpu: &Gpu, file: &GgufFile, name: &str, rows: usize, cols: usize)
 fn load_vector(gpu: &Gpu, file: &GgufFile, name: &str, len: usize) -> Result<Tensor, LlmError> {
     check_dims(file, name, &[len as u64])?;
     let dtype = dtype_of(file, name)?;
-    let info = file.tensor(name).ok_or_else(|| LlmError::MissingTensor(name.to_string()))?;
+    let info = file
+        .tensor(name)
+        .ok_or_else(|| LlmError::MissingTensor(name.to_string()))?;
     let mut values = vec![0.0; len];
     if dtype.block_size() != 1 {
         return Err(LlmError::UnsupportedTensorType {
@@ -117,17 +131,32 @@ impl LlamaModel {
             c.n_vocab,
             1e-6 * Self::weight_bytes_of(&token_embd, &output, &layers) as f64
         );
-        Ok(LlamaModel { gpu, config: c, token_embd, output, output_norm, layers })
+        Ok(LlamaModel {
+            gpu,
+            config: c,
+            token_embd,
+            output,
+            output_norm,
+            layers,
+        })
     }
 
     fn weight_bytes_of(embd: &Weight, output: &Option<Weight>, layers: &[Layer]) -> usize {
         let per_layer: usize = layers
             .iter()
             .map(|l| {
-                [&l.attn_q, &l.attn_k, &l.attn_v, &l.attn_output, &l.ffn_gate, &l.ffn_up, &l.ffn_down]
-                    .iter()
-                    .map(|w| w.bytes())
-                    .sum::<usize>()
+                [
+                    &l.attn_q,
+                    &l.attn_k,
+                    &l.attn_v,
+                    &l.attn_output,
+                    &l.ffn_gate,
+                    &l.ffn_up,
+                    &l.ffn_down,
+                ]
+                .iter()
+                .map(|w| w.bytes())
+                .sum::<usize>()
             })
             .sum();
         embd.bytes() + output.as_ref().map_or(0, Weight::bytes) + per_layer
@@ -136,7 +165,8 @@ impl LlamaModel {
     /// Bytes of the matrices a decode step reads (every layer plus the output projection).
     pub fn decode_weight_bytes(&self) -> usize {
         let output = self.output.as_ref().unwrap_or(&self.token_embd).bytes();
-        Self::weight_bytes_of(&self.token_embd, &None, &self.layers) - self.token_embd.bytes() + output
+        Self::weight_bytes_of(&self.token_embd, &None, &self.layers) - self.token_embd.bytes()
+            + output
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
@@ -209,11 +239,22 @@ impl<'m> Session<'m> {
             logits_last: gpu.tensor(&[c.n_vocab])?,
             token: gpu.tensor(&[1])?,
         };
-        Ok(Session { model, n_ctx, n_past: 0, k_cache, v_cache, scratch })
+        Ok(Session {
+            model,
+            n_ctx,
+            n_past: 0,
+            k_cache,
+            v_cache,
+            scratch,
+        })
     }
 
     pub fn n_ctx(&self) -> usize {
         self.n_ctx
+    }
+
+    pub fn model(&self) -> &LlamaModel {
+        self.model
     }
 
     /// Tokens already in the cache.
@@ -261,11 +302,29 @@ impl<'m> Session<'m> {
                     let max_rows = (gpu.max_binding_size() as usize / (4 * n_vocab)).clamp(1, rows);
                     let logits_t = gpu.tensor(&[max_rows, n_vocab])?;
                     let c = &self.model.config;
-                    ops::rmsnorm(&mut rec, &self.scratch.x, &self.model.output_norm, &self.scratch.xn, rows, c.n_embd, c.rms_eps)?;
+                    ops::rmsnorm(
+                        &mut rec,
+                        &self.scratch.x,
+                        &self.model.output_norm,
+                        &self.scratch.xn,
+                        rows,
+                        c.n_embd,
+                        c.rms_eps,
+                    )?;
                     for start in (0..rows).step_by(max_rows) {
                         let n = max_rows.min(rows - start);
-                        let layout = LinearOut { x_offset: start * c.n_embd, ..LinearOut::dense(n_vocab) };
-                        ops::linear(&mut rec, self.model.output_weight(), &self.scratch.xn, n, &logits_t, layout)?;
+                        let layout = LinearOut {
+                            x_offset: start * c.n_embd,
+                            ..LinearOut::dense(n_vocab)
+                        };
+                        ops::linear(
+                            &mut rec,
+                            self.model.output_weight(),
+                            &self.scratch.xn,
+                            n,
+                            &logits_t,
+                            layout,
+                        )?;
                         let id = rec.read(&logits_t, 0, n * n_vocab);
                         let bytes = std::mem::replace(&mut rec, Recorder::new(gpu)).submit()?;
                         out.extend_from_slice(bytemuck_cast::<f32>(&bytes[id.index()]).as_slice());
@@ -307,7 +366,10 @@ impl<'m> Session<'m> {
         let bytes = rec.submit()?;
         self.n_past += 1;
         let token: Vec<u32> = bytemuck_cast(&bytes[id.index()]);
-        token.first().copied().ok_or_else(|| LlmError::BadConfig("empty readback".into()))
+        token
+            .first()
+            .copied()
+            .ok_or_else(|| LlmError::BadConfig("empty readback".into()))
     }
 
     /// Records the layers for one micro-batch at position `n_past`.
@@ -344,8 +406,18 @@ impl<'m> Session<'m> {
             causal: true,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
         };
-        let residual = LinearOut { x_offset: 0, offset: 0, stride: d, accumulate: true };
-        let to_cache = LinearOut { x_offset: 0, offset: pos0 * dkv, stride: dkv, accumulate: false };
+        let residual = LinearOut {
+            x_offset: 0,
+            offset: 0,
+            stride: d,
+            accumulate: true,
+        };
+        let to_cache = LinearOut {
+            x_offset: 0,
+            offset: pos0 * dkv,
+            stride: dkv,
+            accumulate: false,
+        };
 
         for (l, layer) in m.layers.iter().enumerate() {
             let (kc, vc) = (&self.k_cache[l], &self.v_cache[l]);
@@ -361,7 +433,14 @@ impl<'m> Session<'m> {
 
             // Feed-forward: SwiGLU, its down projection added into the residual stream.
             ops::rmsnorm(rec, &s.x, &layer.ffn_norm, &s.xn, n, d, c.rms_eps)?;
-            ops::linear(rec, &layer.ffn_gate, &s.xn, n, &s.gate, LinearOut::dense(ff))?;
+            ops::linear(
+                rec,
+                &layer.ffn_gate,
+                &s.xn,
+                n,
+                &s.gate,
+                LinearOut::dense(ff),
+            )?;
             ops::linear(rec, &layer.ffn_up, &s.xn, n, &s.up, LinearOut::dense(ff))?;
             ops::swiglu(rec, &s.gate, &s.up, n * ff)?;
             ops::linear(rec, &layer.ffn_down, &s.gate, n, &s.x, residual)?;
@@ -375,8 +454,23 @@ impl<'m> Session<'m> {
         let c = &m.config;
         let s = &self.scratch;
         rec.copy(&s.x, (n - 1) * c.n_embd, &s.last, 0, c.n_embd);
-        ops::rmsnorm(rec, &s.last, &m.output_norm, &s.last_norm, 1, c.n_embd, c.rms_eps)?;
-        ops::linear(rec, m.output_weight(), &s.last_norm, 1, &s.logits_last, LinearOut::dense(c.n_vocab))?;
+        ops::rmsnorm(
+            rec,
+            &s.last,
+            &m.output_norm,
+            &s.last_norm,
+            1,
+            c.n_embd,
+            c.rms_eps,
+        )?;
+        ops::linear(
+            rec,
+            m.output_weight(),
+            &s.last_norm,
+            1,
+            &s.logits_last,
+            LinearOut::dense(c.n_vocab),
+        )?;
         Ok(())
     }
 }

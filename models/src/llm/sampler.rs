@@ -44,7 +44,10 @@ impl Default for SamplerConfig {
 impl SamplerConfig {
     /// Greedy decoding: always the argmax (after the repetition penalty).
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, ..Self::default() }
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
     }
 }
 
@@ -71,7 +74,12 @@ impl Sampler {
     pub fn new(config: SamplerConfig) -> Self {
         let seed = config.seed.unwrap_or_else(|| rand::rng().random());
         let history = VecDeque::with_capacity(config.repeat_last_n);
-        Self { rng: StdRng::seed_from_u64(seed), seed, config, history }
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+            seed,
+            config,
+            history,
+        }
     }
 
     pub fn config(&self) -> &SamplerConfig {
@@ -117,8 +125,10 @@ impl Sampler {
         // Softmax of logit / temperature in f64, relative to the max (the first candidate).
         let max = f64::from(candidates[0].1);
         let t = f64::from(temperature);
-        let weights: Vec<f64> =
-            candidates.iter().map(|&(_, l)| ((f64::from(l) - max) / t).exp()).collect();
+        let weights: Vec<f64> = candidates
+            .iter()
+            .map(|&(_, l)| ((f64::from(l) - max) / t).exp())
+            .collect();
         let total: f64 = weights.iter().sum();
         let mut target = self.rng.random::<f64>() * total;
         for (&(id, _), w) in candidates.iter().zip(&weights) {
@@ -176,7 +186,10 @@ impl Sampler {
         let top_p = self.config.top_p;
         if top_p < 1.0 {
             let max = f64::from(cands[0].1);
-            let weights: Vec<f64> = cands.iter().map(|&(_, l)| (f64::from(l) - max).exp()).collect();
+            let weights: Vec<f64> = cands
+                .iter()
+                .map(|&(_, l)| (f64::from(l) - max).exp())
+                .collect();
             let total: f64 = weights.iter().sum();
             let mut cum = 0.0;
             let mut keep = cands.len();
@@ -194,7 +207,10 @@ impl Sampler {
         let min_p = self.config.min_p;
         if min_p > 0.0 {
             let threshold = f64::from(cands[0].1) + f64::from(min_p).ln();
-            let keep = cands.iter().take_while(|&&(_, l)| f64::from(l) >= threshold).count();
+            let keep = cands
+                .iter()
+                .take_while(|&&(_, l)| f64::from(l) >= threshold)
+                .count();
             cands.truncate(keep.max(1));
         }
         Ok(cands)
@@ -223,7 +239,10 @@ mod tests {
     use super::*;
 
     fn sampler(config: SamplerConfig) -> Sampler {
-        Sampler::new(SamplerConfig { seed: Some(config.seed.unwrap_or(7)), ..config })
+        Sampler::new(SamplerConfig {
+            seed: Some(config.seed.unwrap_or(7)),
+            ..config
+        })
     }
 
     /// Logits whose softmax is exactly `probs`.
@@ -232,7 +251,12 @@ mod tests {
     }
 
     fn kept_ids(s: &Sampler, logits: &[f32]) -> Vec<u32> {
-        let mut ids: Vec<u32> = s.candidates(logits).expect("candidates").iter().map(|c| c.0).collect();
+        let mut ids: Vec<u32> = s
+            .candidates(logits)
+            .expect("candidates")
+            .iter()
+            .map(|c| c.0)
+            .collect();
         ids.sort_unstable();
         ids
     }
@@ -240,7 +264,10 @@ mod tests {
     #[test]
     fn defaults_are_llama_cpp_defaults() {
         let c = SamplerConfig::default();
-        assert_eq!((c.temperature, c.top_k, c.top_p, c.min_p), (0.8, 40, 0.95, 0.05));
+        assert_eq!(
+            (c.temperature, c.top_k, c.top_p, c.min_p),
+            (0.8, 40, 0.95, 0.05)
+        );
         assert_eq!((c.repeat_penalty, c.repeat_last_n, c.seed), (1.0, 64, None));
     }
 
@@ -249,7 +276,10 @@ mod tests {
         let mut s = sampler(SamplerConfig::greedy());
         assert_eq!(s.sample(&[0.1, 3.0, -1.0, 2.9]), Ok(1));
         assert_eq!(s.sample(&[1.0, 5.0, 5.0, 5.0]), Ok(1));
-        let mut s = sampler(SamplerConfig { temperature: -1.0, ..SamplerConfig::default() });
+        let mut s = sampler(SamplerConfig {
+            temperature: -1.0,
+            ..SamplerConfig::default()
+        });
         assert_eq!(s.sample(&[-3.0, -2.0, -2.5]), Ok(1));
     }
 
@@ -257,9 +287,17 @@ mod tests {
     fn same_seed_gives_same_sequence_and_other_seed_differs() {
         let logits = vec![0.0f32; 50];
         let run = |seed| {
-            let cfg = SamplerConfig { top_k: 0, min_p: 0.0, top_p: 1.0, seed: Some(seed), ..SamplerConfig::default() };
+            let cfg = SamplerConfig {
+                top_k: 0,
+                min_p: 0.0,
+                top_p: 1.0,
+                seed: Some(seed),
+                ..SamplerConfig::default()
+            };
             let mut s = Sampler::new(cfg);
-            (0..64).map(|_| s.sample(&logits).expect("sample")).collect::<Vec<_>>()
+            (0..64)
+                .map(|_| s.sample(&logits).expect("sample"))
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(42), run(42));
         assert_ne!(run(42), run(43));
@@ -268,17 +306,28 @@ mod tests {
     #[test]
     fn reset_replays_the_same_draws() {
         let logits = vec![0.0f32; 10];
-        let mut s = sampler(SamplerConfig { top_k: 0, min_p: 0.0, ..SamplerConfig::default() });
-        let first: Vec<u32> = (0..20).map(|_| s.sample(&logits).expect("sample")).collect();
+        let mut s = sampler(SamplerConfig {
+            top_k: 0,
+            min_p: 0.0,
+            ..SamplerConfig::default()
+        });
+        let first: Vec<u32> = (0..20)
+            .map(|_| s.sample(&logits).expect("sample"))
+            .collect();
         s.reset();
-        let second: Vec<u32> = (0..20).map(|_| s.sample(&logits).expect("sample")).collect();
+        let second: Vec<u32> = (0..20)
+            .map(|_| s.sample(&logits).expect("sample"))
+            .collect();
         assert_eq!(first, second);
     }
 
     #[test]
     fn unseeded_sampler_reports_its_seed() {
         let s = Sampler::new(SamplerConfig::default());
-        let mut replay = Sampler::new(SamplerConfig { seed: Some(s.seed()), ..SamplerConfig::default() });
+        let mut replay = Sampler::new(SamplerConfig {
+            seed: Some(s.seed()),
+            ..SamplerConfig::default()
+        });
         let mut s = s;
         let logits = vec![0.5f32; 30];
         for _ in 0..10 {
@@ -292,21 +341,36 @@ mod tests {
         let mut greedy = sampler(SamplerConfig::greedy());
         let want = greedy.sample(&logits).expect("sample");
         for seed in 0..20 {
-            let cfg = SamplerConfig { top_k: 1, temperature: 1.5, seed: Some(seed), ..SamplerConfig::default() };
+            let cfg = SamplerConfig {
+                top_k: 1,
+                temperature: 1.5,
+                seed: Some(seed),
+                ..SamplerConfig::default()
+            };
             assert_eq!(Sampler::new(cfg).sample(&logits), Ok(want));
         }
     }
 
     #[test]
     fn top_k_keeps_the_k_largest() {
-        let s = sampler(SamplerConfig { top_k: 3, top_p: 1.0, min_p: 0.0, ..SamplerConfig::default() });
+        let s = sampler(SamplerConfig {
+            top_k: 3,
+            top_p: 1.0,
+            min_p: 0.0,
+            ..SamplerConfig::default()
+        });
         assert_eq!(kept_ids(&s, &[0.1, 0.5, 0.2, 0.9, 0.3]), vec![1, 3, 4]);
     }
 
     #[test]
     fn min_p_removes_tokens_below_p_times_max() {
         let logits = logits_for(&[0.5, 0.3, 0.15, 0.05]);
-        let s = sampler(SamplerConfig { min_p: 0.2, top_p: 1.0, top_k: 0, ..SamplerConfig::default() });
+        let s = sampler(SamplerConfig {
+            min_p: 0.2,
+            top_p: 1.0,
+            top_k: 0,
+            ..SamplerConfig::default()
+        });
         // Threshold 0.2 * 0.5 = 0.1: token 3 (0.05) goes, token 2 (0.15) stays.
         assert_eq!(kept_ids(&s, &logits), vec![0, 1, 2]);
         let mut s = s;
@@ -318,7 +382,12 @@ mod tests {
     #[test]
     fn top_p_keeps_smallest_set_reaching_p() {
         let logits = logits_for(&[0.05, 0.5, 0.15, 0.3]);
-        let cfg = |top_p| SamplerConfig { top_p, min_p: 0.0, top_k: 0, ..SamplerConfig::default() };
+        let cfg = |top_p| SamplerConfig {
+            top_p,
+            min_p: 0.0,
+            top_k: 0,
+            ..SamplerConfig::default()
+        };
         assert_eq!(kept_ids(&sampler(cfg(0.4)), &logits), vec![1]);
         assert_eq!(kept_ids(&sampler(cfg(0.75)), &logits), vec![1, 3]);
         assert_eq!(kept_ids(&sampler(cfg(0.81)), &logits), vec![1, 2, 3]);
@@ -327,7 +396,10 @@ mod tests {
 
     #[test]
     fn repetition_penalty_lowers_repeated_logits_of_both_signs() {
-        let mut s = sampler(SamplerConfig { repeat_penalty: 2.0, ..SamplerConfig::default() });
+        let mut s = sampler(SamplerConfig {
+            repeat_penalty: 2.0,
+            ..SamplerConfig::default()
+        });
         s.accept(0);
         s.accept(1);
         s.accept(1);
@@ -339,7 +411,10 @@ mod tests {
 
     #[test]
     fn repetition_penalty_changes_greedy_choice() {
-        let mut s = sampler(SamplerConfig { repeat_penalty: 1.5, ..SamplerConfig::greedy() });
+        let mut s = sampler(SamplerConfig {
+            repeat_penalty: 1.5,
+            ..SamplerConfig::greedy()
+        });
         let logits = [3.0, 2.5, 0.0];
         assert_eq!(s.sample(&logits), Ok(0));
         s.accept(0);
@@ -348,12 +423,18 @@ mod tests {
 
     #[test]
     fn history_keeps_only_last_n() {
-        let mut s = sampler(SamplerConfig { repeat_last_n: 3, ..SamplerConfig::default() });
+        let mut s = sampler(SamplerConfig {
+            repeat_last_n: 3,
+            ..SamplerConfig::default()
+        });
         for t in 0..5 {
             s.accept(t);
         }
         assert_eq!(s.history().collect::<Vec<_>>(), vec![2, 3, 4]);
-        let mut off = sampler(SamplerConfig { repeat_last_n: 0, ..SamplerConfig::default() });
+        let mut off = sampler(SamplerConfig {
+            repeat_last_n: 0,
+            ..SamplerConfig::default()
+        });
         off.accept(1);
         assert_eq!(off.history().count(), 0);
     }
@@ -362,10 +443,19 @@ mod tests {
     fn nan_logits_are_skipped_and_all_nan_is_an_error() {
         let mut s = sampler(SamplerConfig::default());
         for _ in 0..50 {
-            assert_eq!(s.sample(&[f32::NAN, 1.0, f32::NAN, f32::NEG_INFINITY]), Ok(1));
+            assert_eq!(
+                s.sample(&[f32::NAN, 1.0, f32::NAN, f32::NEG_INFINITY]),
+                Ok(1)
+            );
         }
-        assert_eq!(sampler(SamplerConfig::greedy()).sample(&[f32::NAN, -1.0, 0.5]), Ok(2));
-        assert_eq!(s.sample(&[f32::NAN, f32::NAN]), Err(SamplerError::NoCandidates(2)));
+        assert_eq!(
+            sampler(SamplerConfig::greedy()).sample(&[f32::NAN, -1.0, 0.5]),
+            Ok(2)
+        );
+        assert_eq!(
+            s.sample(&[f32::NAN, f32::NAN]),
+            Err(SamplerError::NoCandidates(2))
+        );
         assert_eq!(s.sample(&[]), Err(SamplerError::Empty));
     }
 
@@ -379,7 +469,14 @@ mod tests {
     fn draws_follow_the_tempered_distribution() {
         // p = [0.6, 0.3, 0.1] at temperature 1, no filtering.
         let logits = logits_for(&[0.6, 0.3, 0.1]);
-        let cfg = SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: Some(1), ..SamplerConfig::default() };
+        let cfg = SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: Some(1),
+            ..SamplerConfig::default()
+        };
         let mut s = Sampler::new(cfg);
         let mut counts = [0usize; 3];
         let n = 20_000;

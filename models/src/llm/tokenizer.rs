@@ -4,8 +4,8 @@
 //! cold build on two cores (~40 more crates) and would still need llama.cpp's own special-token
 //! partition, EOG detection and piece rendering, which are most of the code here.
 
-use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Mutex;
 
 use fancy_regex::Regex;
@@ -34,7 +34,15 @@ pub struct TokenizerSpec {
 }
 
 /// Pre-tokenizer names accepted in [`TokenizerSpec::pre`].
-pub const SUPPORTED_PRE: &[&str] = &["smollm", "gpt2", "gpt-2", "llama-bpe", "llama3", "llama-v3"];
+pub const SUPPORTED_PRE: &[&str] = &[
+    "default",
+    "smollm",
+    "gpt2",
+    "gpt-2",
+    "llama-bpe",
+    "llama3",
+    "llama-v3",
+];
 
 /// Tokenizer models accepted in [`TokenizerSpec::model`].
 pub const SUPPORTED_MODELS: &[&str] = &["gpt2"];
@@ -52,7 +60,11 @@ pub enum TokenizerError {
     #[error("token_types has {types} entries but the vocabulary has {tokens} tokens")]
     TokenTypeCount { types: usize, tokens: usize },
     #[error("{name} token id {id} is outside the vocabulary of {vocab_size} tokens")]
-    SpecialIdOutOfRange { name: &'static str, id: u32, vocab_size: usize },
+    SpecialIdOutOfRange {
+        name: &'static str,
+        id: u32,
+        vocab_size: usize,
+    },
     #[error("pre-tokenizer regex failed to compile: {0}")]
     Regex(#[from] Box<fancy_regex::Error>),
 }
@@ -89,8 +101,10 @@ impl TokenType {
 // llama.cpp runs the GPT-2 and Llama-3 regexes through hand-written matchers whose documented
 // form ends in `|\s+`; the trailing alternative is spelled out here.
 const RE_DIGIT: &str = r"\p{N}";
-const RE_GPT2: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const RE_DIGITS: &str = r"\p{N}+";
+const RE_DIGITS3: &str = r"[0-9][0-9][0-9]";
+const RE_DEFAULT_PUNCT: &str = r"[\p{P}\$\+<=>\^~\|]+";
+const RE_GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 const RE_LLAMA3: &str = concat!(
     r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+",
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -165,14 +179,19 @@ impl Tokenizer {
         if !SUPPORTED_MODELS.contains(&spec.model.as_str()) {
             return Err(TokenizerError::UnsupportedModel { model: spec.model });
         }
-        // (regexes, ignore_merges, clean_spaces) as llama.cpp's llama_vocab::impl::load sets them.
-        let (patterns, ignore_merges, clean_spaces): (&[&str], bool, bool) =
-            match spec.pre.as_str() {
-                "smollm" => (&[RE_DIGIT, RE_GPT2], false, false),
-                "gpt2" | "gpt-2" => (&[RE_GPT2], false, true),
-                "llama-bpe" | "llama3" | "llama-v3" => (&[RE_LLAMA3], true, true),
-                _ => return Err(TokenizerError::UnsupportedPre { pre: spec.pre }),
-            };
+        // Regexes, ignore_merges and clean_spaces as llama.cpp's llama_vocab::impl::load sets them.
+        type PreConfig = (&'static [&'static str], bool, bool);
+        let (patterns, ignore_merges, clean_spaces): PreConfig = match spec.pre.as_str() {
+            "default" => (
+                &[RE_DEFAULT_PUNCT, RE_GPT2, RE_DIGITS, RE_DIGITS3],
+                false,
+                true,
+            ),
+            "smollm" => (&[RE_DIGIT, RE_GPT2], false, false),
+            "gpt2" | "gpt-2" => (&[RE_GPT2], false, true),
+            "llama-bpe" | "llama3" | "llama-v3" => (&[RE_LLAMA3], true, true),
+            _ => return Err(TokenizerError::UnsupportedPre { pre: spec.pre }),
+        };
         let regexes = patterns
             .iter()
             .map(|p| Regex::new(p).map_err(|e| TokenizerError::Regex(Box::new(e))))
@@ -186,12 +205,23 @@ impl Tokenizer {
             return Err(TokenizerError::VocabTooLarge(n));
         }
         if !spec.token_types.is_empty() && spec.token_types.len() != n {
-            return Err(TokenizerError::TokenTypeCount { types: spec.token_types.len(), tokens: n });
+            return Err(TokenizerError::TokenTypeCount {
+                types: spec.token_types.len(),
+                tokens: n,
+            });
         }
-        for (name, id) in [("bos", spec.bos_id), ("eos", spec.eos_id), ("eot", spec.eot_id)] {
+        for (name, id) in [
+            ("bos", spec.bos_id),
+            ("eos", spec.eos_id),
+            ("eot", spec.eot_id),
+        ] {
             if let Some(id) = id {
                 if id as usize >= n {
-                    return Err(TokenizerError::SpecialIdOutOfRange { name, id, vocab_size: n });
+                    return Err(TokenizerError::SpecialIdOutOfRange {
+                        name,
+                        id,
+                        vocab_size: n,
+                    });
                 }
             }
         }
@@ -200,7 +230,10 @@ impl Tokenizer {
         let mut types: Vec<TokenType> = if spec.token_types.is_empty() {
             vec![TokenType::Normal; n]
         } else {
-            spec.token_types.iter().map(|&t| TokenType::from_gguf(t)).collect()
+            spec.token_types
+                .iter()
+                .map(|&t| TokenType::from_gguf(t))
+                .collect()
         };
         let mut token_to_id = HashMap::with_capacity(n);
         for (id, text) in tokens.iter_mut().enumerate() {
@@ -222,14 +255,21 @@ impl Tokenizer {
 
         // EOT: metadata, else the lowest id among llama.cpp's auto-detected texts.
         let eot_id = spec.eot_id.or_else(|| {
-            EOT_TEXTS.iter().filter_map(|t| token_to_id.get(*t).copied()).min()
+            EOT_TEXTS
+                .iter()
+                .filter_map(|t| token_to_id.get(*t).copied())
+                .min()
         });
-        let mut eog: HashSet<u32> =
-            EOG_TEXTS.iter().filter_map(|t| token_to_id.get(*t).copied()).collect();
+        let mut eog: HashSet<u32> = EOG_TEXTS
+            .iter()
+            .filter_map(|t| token_to_id.get(*t).copied())
+            .collect();
         eog.extend(spec.eos_id);
         eog.extend(eot_id);
         // llama.cpp forces the EOG-looking and auto-detected EOT tokens to control type.
-        let named_eog = EOG_TEXTS.iter().filter_map(|t| token_to_id.get(*t).copied());
+        let named_eog = EOG_TEXTS
+            .iter()
+            .filter_map(|t| token_to_id.get(*t).copied());
         let auto_eot = if spec.eot_id.is_none() { eot_id } else { None };
         for id in named_eog.chain(auto_eot) {
             types[id as usize] = TokenType::Control;
@@ -246,8 +286,11 @@ impl Tokenizer {
         special_tokens.sort_by_key(|&id| Reverse(tokens[id as usize].len()));
 
         let byte_to_char = bytes_to_unicode();
-        let char_to_byte: HashMap<char, u8> =
-            byte_to_char.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
+        let char_to_byte: HashMap<char, u8> = byte_to_char
+            .iter()
+            .enumerate()
+            .map(|(b, &c)| (c, b as u8))
+            .collect();
         let pieces = tokens
             .iter()
             .zip(&types)
@@ -434,7 +477,9 @@ impl Tokenizer {
                         Ok(m) => m,
                         Err(e) => {
                             // Only a backtracking limit can fail here; keep the rest whole.
-                            log::warn!("pre-tokenizer regex gave up ({e}); keeping text as one piece");
+                            log::warn!(
+                                "pre-tokenizer regex gave up ({e}); keeping text as one piece"
+                            );
                             break;
                         }
                     };
@@ -494,15 +539,32 @@ impl Tokenizer {
         let mut symbols: Vec<Symbol> = Vec::with_capacity(word.len());
         for (i, (start, c)) in word.char_indices().enumerate() {
             let len = c.len_utf8();
-            let next = if start + len == word.len() { NONE } else { i + 1 };
-            symbols.push(Symbol { start, len, prev: i.wrapping_sub(1), next });
+            let next = if start + len == word.len() {
+                NONE
+            } else {
+                i + 1
+            };
+            symbols.push(Symbol {
+                start,
+                len,
+                prev: i.wrapping_sub(1),
+                next,
+            });
         }
         if let Some(first) = symbols.first_mut() {
             first.prev = NONE;
         }
 
-        // (rank, left, right, left_len, right_len); stale entries are skipped when popped.
-        let mut queue: BinaryHeap<Reverse<(u32, usize, usize, usize, usize)>> = BinaryHeap::new();
+        /// A mergeable pair; ordered by rank, then leftmost. Stale ones are skipped when popped.
+        #[derive(PartialEq, Eq, PartialOrd, Ord)]
+        struct Bigram {
+            rank: u32,
+            left: usize,
+            right: usize,
+            left_len: usize,
+            right_len: usize,
+        }
+        let mut queue: BinaryHeap<Reverse<Bigram>> = BinaryHeap::new();
         let mut key = String::new();
         let mut push_pair = |symbols: &[Symbol], queue: &mut BinaryHeap<_>, l: usize, r: usize| {
             if l == NONE || r == NONE {
@@ -514,13 +576,21 @@ impl Tokenizer {
             key.push(' ');
             key.push_str(&word[rs.start..rs.start + rs.len]);
             if let Some(&rank) = self.merge_ranks.get(key.as_str()) {
-                queue.push(Reverse((rank, l, r, ls.len, rs.len)));
+                queue.push(Reverse(Bigram {
+                    rank,
+                    left: l,
+                    right: r,
+                    left_len: ls.len,
+                    right_len: rs.len,
+                }));
             }
         };
         for i in 1..symbols.len() {
             push_pair(&symbols, &mut queue, i - 1, i);
         }
-        while let Some(Reverse((_, l, r, l_len, r_len))) = queue.pop() {
+        while let Some(Reverse(bigram)) = queue.pop() {
+            let (l, r, l_len, r_len) =
+                (bigram.left, bigram.right, bigram.left_len, bigram.right_len);
             let (left, right) = (&symbols[l], &symbols[r]);
             // Symbols only grow, so equal lengths mean equal texts (llama.cpp compares texts).
             if left.len == 0 || right.len == 0 || left.len != l_len || right.len != r_len {
@@ -573,12 +643,17 @@ pub struct StreamDecoder<'t> {
 impl<'t> StreamDecoder<'t> {
     /// `special`: render control tokens as their text (llama.cpp's `special` flag).
     pub fn new(tokenizer: &'t Tokenizer, special: bool) -> Self {
-        Self { tokenizer, special, pending: Vec::new() }
+        Self {
+            tokenizer,
+            special,
+            pending: Vec::new(),
+        }
     }
 
     /// Adds one token; returns the newly completed text (possibly empty).
     pub fn push(&mut self, id: u32) -> String {
-        self.pending.extend_from_slice(self.tokenizer.token_to_piece(id, self.special));
+        self.pending
+            .extend_from_slice(self.tokenizer.token_to_piece(id, self.special));
         let mut out = String::new();
         loop {
             match std::str::from_utf8(&self.pending) {
@@ -742,7 +817,10 @@ mod tests {
     }
 
     fn ids(t: &Tokenizer, texts: &[&str]) -> Vec<u32> {
-        texts.iter().map(|s| t.token_id(s).expect("token in the tiny vocabulary")).collect()
+        texts
+            .iter()
+            .map(|s| t.token_id(s).expect("token in the tiny vocabulary"))
+            .collect()
     }
 
     #[test]
@@ -804,7 +882,10 @@ mod tests {
     #[test]
     fn smollm_splits_every_digit() {
         let t = tiny_full("smollm", &["12", "Ġ1"], &["1 2", "Ġ 1"]);
-        assert_eq!(t.encode("12 1", false, false), ids(&t, &["1", "2", "Ġ", "1"]));
+        assert_eq!(
+            t.encode("12 1", false, false),
+            ids(&t, &["1", "2", "Ġ", "1"])
+        );
         let t = tiny_full("gpt2", &["12", "Ġ1"], &["1 2", "Ġ 1"]);
         assert_eq!(t.encode("12 1", false, false), ids(&t, &["12", "Ġ1"]));
     }
@@ -818,12 +899,26 @@ mod tests {
     }
 
     #[test]
+    fn default_pre_splits_punctuation_digit_runs_and_digit_triples() {
+        let extra = ["Ġb", "!!", "12", "123", "Ġ1"];
+        let t = tiny_full("default", &extra, &["Ġ b", "! !", "1 2", "12 3", "Ġ 1"]);
+        let want = ids(&t, &["a", ",", "Ġb", "!!", "Ġ", "123", "4"]);
+        assert_eq!(t.encode("a, b!! 1234", false, false), want);
+    }
+
+    #[test]
     fn parse_special_emits_control_ids_only_when_asked() {
         let t = tiny_full("gpt2", &[], &[]);
         let with = t.encode("<|im_start|>hi<|im_end|>", false, true);
         assert_eq!(with, [vec![1], ids(&t, &["h", "i"]), vec![2]].concat());
         let without = t.encode("<|im_start|>", false, false);
-        assert_eq!(without, ids(&t, &["<", "|", "i", "m", "_", "s", "t", "a", "r", "t", "|", ">"]));
+        assert_eq!(
+            without,
+            ids(
+                &t,
+                &["<", "|", "i", "m", "_", "s", "t", "a", "r", "t", "|", ">"]
+            )
+        );
     }
 
     #[test]
@@ -847,7 +942,9 @@ mod tests {
         let spec = TokenizerSpec {
             model: "gpt2".into(),
             pre: "gpt2".into(),
-            token_types: std::iter::repeat_n(3, 2).chain(std::iter::repeat_n(1, 256)).collect(),
+            token_types: std::iter::repeat_n(3, 2)
+                .chain(std::iter::repeat_n(1, 256))
+                .collect(),
             tokens: spec_tokens,
             bos_id: Some(0),
             eos_id: Some(1),
@@ -869,10 +966,20 @@ mod tests {
             tokens: vec!["a".into()],
             ..Default::default()
         };
-        let err = Tokenizer::new(spec.clone()).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = Tokenizer::new(spec.clone())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("\"llama\"") && err.contains("gpt2"), "{err}");
-        let spec = TokenizerSpec { model: "gpt2".into(), pre: "qwen2".into(), ..spec };
-        let err = Tokenizer::new(spec).err().map(|e| e.to_string()).unwrap_or_default();
+        let spec = TokenizerSpec {
+            model: "gpt2".into(),
+            pre: "qwen2".into(),
+            ..spec
+        };
+        let err = Tokenizer::new(spec)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("qwen2") && err.contains("smollm") && err.contains("llama-bpe"));
     }
 
@@ -885,7 +992,10 @@ mod tests {
             token_types: vec![1],
             ..Default::default()
         };
-        assert!(matches!(Tokenizer::new(spec), Err(TokenizerError::TokenTypeCount { .. })));
+        assert!(matches!(
+            Tokenizer::new(spec),
+            Err(TokenizerError::TokenTypeCount { .. })
+        ));
     }
 
     #[test]
@@ -942,7 +1052,9 @@ mod tests {
     #[test]
     fn stream_decoder_replaces_invalid_bytes_without_stalling() {
         let t = tiny_full("gpt2", &[], &[]);
-        let ff = t.token_id(&bytes_to_unicode()[0xFF].to_string()).expect("byte token");
+        let ff = t
+            .token_id(&bytes_to_unicode()[0xFF].to_string())
+            .expect("byte token");
         let x = t.token_id("x").expect("byte token");
         let mut dec = StreamDecoder::new(&t, false);
         assert_eq!(dec.push(ff), "\u{FFFD}");
@@ -965,7 +1077,11 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&raw).ok()?;
         let strings = |k: &str| -> Vec<String> {
             v[k].as_array()
-                .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         let spec = TokenizerSpec {
@@ -974,7 +1090,12 @@ mod tests {
             tokens: strings("tokens"),
             token_types: v["token_type"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|x| x.as_i64()).map(|x| x as i32).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_i64())
+                        .map(|x| x as i32)
+                        .collect()
+                })
                 .unwrap_or_default(),
             merges: strings("merges"),
             bos_id: v["bos_token_id"].as_u64().map(|x| x as u32),
@@ -991,8 +1112,13 @@ mod tests {
         let Some(t) = smollm2() else { return };
         assert_eq!(t.vocab_size(), 49152);
         assert_eq!(t.encode("Hello world", false, false), vec![19556, 905]);
-        assert_eq!(t.encode(" Hello", false, false), vec![28120]);
-        assert_eq!(t.encode("Hello world", true, false), vec![19556, 905], "add_bos is false");
+        assert_eq!(t.encode(" Hello", false, false), vec![38699], "ĠHello");
+        assert_eq!(t.encode("hello", false, false), vec![28120]);
+        assert_eq!(
+            t.encode("Hello world", true, false),
+            vec![19556, 905],
+            "add_bos is false"
+        );
         assert_eq!((t.bos_id(), t.eos_id()), (Some(1), Some(2)));
         assert!(t.is_eog(2) && t.is_eog(0) && !t.is_eog(1));
         assert_eq!(t.token_id("<|im_start|>"), Some(1));
@@ -1001,7 +1127,148 @@ mod tests {
     /// Reference ids from HF `tokenizers` (0.22) with SmolLM2's vocab and merges, pre-tokenizer
     /// Sequence[Split(\p{N}, Isolated), ByteLevel(add_prefix_space=False)], and the 17 control
     /// tokens added as special tokens; see the module docs for how they were produced.
-    const HF_REFERENCE: &[(&str, &[u32])] = &[];
+    const HF_REFERENCE: &[(&str, &[u32])] = &[
+        ("", &[]),
+        (" ", &[216]),
+        ("  ", &[256]),
+        ("   ", &[333]),
+        ("\n", &[198]),
+        ("\n\n", &[1116]),
+        (" \n", &[3717]),
+        ("\n \n  \n", &[198, 3717, 32057]),
+        ("a  b", &[81, 216, 278]),
+        ("a   b\t\tc", &[81, 256, 278, 197, 197, 83]),
+        ("\tindented\n\ttab", &[197, 526, 6574, 198, 197, 15999]),
+        ("trailing spaces   ", &[4861, 4966, 5600, 333]),
+        ("   leading", &[256, 2899]),
+        ("Hello world", &[19556, 905]),
+        (" Hello", &[38699]),
+        ("hello", &[28120]),
+        (
+            "12345 1.5e-10",
+            &[33, 34, 35, 36, 37, 216, 33, 30, 37, 85, 29, 33, 32],
+        ),
+        (
+            "3.14159 and 2,000,000",
+            &[
+                35, 30, 33, 36, 33, 37, 41, 284, 216, 34, 28, 32, 32, 32, 28, 32, 32, 32,
+            ],
+        ),
+        (
+            "phone: +1 (555) 010-9999",
+            &[
+                6733, 42, 1232, 33, 365, 37, 37, 37, 25, 216, 32, 33, 32, 29, 41, 41, 41, 41,
+            ],
+        ),
+        (
+            "café naïve résumé",
+            &[83, 1939, 2756, 15486, 46494, 412, 2756, 5422, 2756],
+        ),
+        (
+            "Ünïcödé ÀÉÎÕÜ",
+            &[
+                142, 246, 94, 25972, 83, 7466, 84, 2756, 5549, 218, 39614, 142, 232, 142, 239, 142,
+                246,
+            ],
+        ),
+        (
+            "你好世界",
+            &[18645, 250, 48392, 138, 7906, 240, 178, 239, 230],
+        ),
+        (
+            "日本語のテキスト",
+            &[
+                23274, 115, 40993, 179, 120, 248, 26453, 11100, 224, 10391, 251, 10391, 134, 11100,
+                226,
+            ],
+        ),
+        (
+            "한국어 문장",
+            &[
+                33085, 246, 181, 130, 251, 183, 240, 129, 25947, 122, 133, 183, 248, 115,
+            ],
+        ),
+        (
+            "Привет, мир!",
+            &[155, 249, 46879, 16464, 32547, 28, 41337, 7872, 9175, 17],
+        ),
+        (
+            "مرحبا بالعالم",
+            &[
+                21706, 20602, 44626, 31462, 10805, 45726, 22208, 34966, 22208, 21706,
+            ],
+        ),
+        (
+            "👋🏽 👨\u{200d}👩\u{200d}👧",
+            &[
+                10813, 235, 229, 10813, 233, 138, 15107, 235, 118, 321, 231, 10813, 235, 119, 321,
+                231, 10813, 235, 117,
+            ],
+        ),
+        (
+            "emoji 🎉🎉 done",
+            &[391, 33777, 15107, 232, 227, 10813, 232, 227, 2294],
+        ),
+        (
+            "fn main() { println!(\"hi\"); }",
+            &[
+                7853, 1085, 1000, 1662, 1628, 34115, 17, 1470, 6004, 21646, 4029,
+            ],
+        ),
+        (
+            "def f(x):\n    return x**2  # square",
+            &[
+                1604, 275, 24, 104, 727, 472, 1003, 1792, 828, 34, 216, 907, 5222,
+            ],
+        ),
+        (
+            "<div class=\"a\">&amp;</div>",
+            &[
+                44, 10014, 1128, 2671, 81, 15889, 22, 1613, 43, 9617, 10014, 46,
+            ],
+        ),
+        (
+            "don't I'LL we've they're she's",
+            &[12420, 982, 339, 23, 16421, 392, 3543, 502, 2316, 1041, 506],
+        ),
+        ("it's 'quoted' text", &[269, 506, 637, 385, 5036, 23, 1694]),
+        (
+            "<|im_start|>user\nhi<|im_end|>\n",
+            &[1, 4093, 198, 6004, 2, 198],
+        ),
+        ("text <|endoftext|> more text", &[2692, 216, 0, 540, 1694]),
+        ("<|im_end|><|im_start|>", &[2, 1]),
+        ("<|im_start|", &[44, 108, 306, 79, 3738, 108]),
+        (
+            "snake_case camelCase kebab-case",
+            &[48284, 79, 7544, 32782, 10802, 902, 82, 369, 29, 7544],
+        ),
+        (
+            "Ⅻ ² ½ ٣",
+            &[173, 223, 121, 216, 19133, 216, 16738, 216, 164, 113],
+        ),
+        (
+            "a\u{a0}b\u{2003}c\u{200b}d",
+            &[81, 15442, 82, 321, 221, 83, 321, 229, 84],
+        ),
+        ("...!!!???", &[2026, 29646, 16693, 47]),
+        (
+            "x = y + z * 2 / (w - 1)",
+            &[
+                104, 446, 329, 1232, 1892, 1672, 216, 34, 2272, 365, 103, 731, 216, 33, 25,
+            ],
+        ),
+        (
+            "https://example.com/path?q=1&r=2",
+            &[
+                4687, 1742, 7434, 30, 824, 31, 1537, 47, 97, 45, 33, 22, 98, 45, 34,
+            ],
+        ),
+        (
+            "The quick brown fox jumps over the lazy dog.",
+            &[504, 2365, 6354, 16438, 27003, 690, 260, 23790, 2767, 30],
+        ),
+    ];
 
     #[test]
     fn smollm2_matches_hf_reference_on_awkward_strings() {

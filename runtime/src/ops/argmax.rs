@@ -8,12 +8,29 @@ use crate::tensor::Tensor;
 
 /// Records `out[r] = argmax(x[offset + r*k .. offset + (r+1)*k])` (as u32) for `rows` rows; ties
 /// go to the lowest index.
-pub fn argmax(rec: &mut Recorder, x: &Tensor, offset: usize, rows: usize, k: usize, out: &Tensor) -> Result<()> {
+pub fn argmax(
+    rec: &mut Recorder,
+    x: &Tensor,
+    offset: usize,
+    rows: usize,
+    k: usize,
+    out: &Tensor,
+) -> Result<()> {
     check_len("argmax input", x, offset + rows * k)?;
     check_len("argmax output", out, rows)?;
-    let wg = pow2_floor(rec.gpu().limits().max_compute_invocations_per_workgroup.min(256));
+    let wg = pow2_floor(
+        rec.gpu()
+            .limits()
+            .max_compute_invocations_per_workgroup
+            .min(256),
+    );
     let key = PipelineKey::new("argmax", "main").define("WG", wg);
-    rec.dispatch(&key, &[k as u32, offset as u32], &[x.buffer(), out.buffer()], [rows as u32, 1, 1])
+    rec.dispatch(
+        &key,
+        &[k as u32, offset as u32],
+        &[x.buffer(), out.buffer()],
+        [rows as u32, 1, 1],
+    )
 }
 
 /// CPU reference: first index of the maximum.

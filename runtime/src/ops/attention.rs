@@ -24,9 +24,19 @@ pub struct AttentionParams {
 
 /// Records `out = softmax(q k^T * scale) v` for q `[tokens, n_head, head_dim]` and caches
 /// `[position, n_kv_head, head_dim]`.
-pub fn attention(rec: &mut Recorder, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, p: &AttentionParams) -> Result<()> {
+pub fn attention(
+    rec: &mut Recorder,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    p: &AttentionParams,
+) -> Result<()> {
     if p.n_kv_head == 0 || p.n_head % p.n_kv_head != 0 {
-        return Err(RuntimeError::Shape(format!("{} heads over {} KV heads", p.n_head, p.n_kv_head)));
+        return Err(RuntimeError::Shape(format!(
+            "{} heads over {} KV heads",
+            p.n_head, p.n_kv_head
+        )));
     }
     check_len("attention q", q, p.tokens * p.n_head * p.head_dim)?;
     check_len("attention out", out, p.tokens * p.n_head * p.head_dim)?;
@@ -37,7 +47,9 @@ pub fn attention(rec: &mut Recorder, q: &Tensor, k: &Tensor, v: &Tensor, out: &T
     let limits = rec.gpu().limits();
     let room = limits.max_compute_workgroup_storage_size as usize / (4 * (p.head_dim + 2));
     let wg = pow2_floor((room.min(32) as u32).min(limits.max_compute_invocations_per_workgroup));
-    let key = PipelineKey::new("attention", "main").define("WG", wg).define("HD", p.head_dim as u32);
+    let key = PipelineKey::new("attention", "main")
+        .define("WG", wg)
+        .define("HD", p.head_dim as u32);
     let params = [
         p.n_head as u32,
         p.n_kv_head as u32,
@@ -47,7 +59,12 @@ pub fn attention(rec: &mut Recorder, q: &Tensor, k: &Tensor, v: &Tensor, out: &T
         p.scale.to_bits(),
     ];
     let groups = [p.n_head as u32, p.tokens as u32, 1];
-    rec.dispatch(&key, &params, &[q.buffer(), k.buffer(), v.buffer(), out.buffer()], groups)
+    rec.dispatch(
+        &key,
+        &params,
+        &[q.buffer(), k.buffer(), v.buffer(), out.buffer()],
+        groups,
+    )
 }
 
 /// CPU reference in f64.
@@ -56,21 +73,31 @@ pub fn attention_ref(q: &[f32], k: &[f32], v: &[f32], p: &AttentionParams) -> Ve
     let group = p.n_head / p.n_kv_head;
     let mut out = vec![0.0f32; p.tokens * p.n_head * hd];
     for t in 0..p.tokens {
-        let n_keys = if p.causal { (p.pos0 + t + 1).min(p.kv_len) } else { p.kv_len };
+        let n_keys = if p.causal {
+            (p.pos0 + t + 1).min(p.kv_len)
+        } else {
+            p.kv_len
+        };
         for h in 0..p.n_head {
             let kvh = h / group;
             let qr = &q[(t * p.n_head + h) * hd..][..hd];
             let scores: Vec<f64> = (0..n_keys)
                 .map(|j| {
                     let kr = &k[(j * p.n_kv_head + kvh) * hd..][..hd];
-                    qr.iter().zip(kr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * p.scale as f64
+                    qr.iter()
+                        .zip(kr)
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum::<f64>()
+                        * p.scale as f64
                 })
                 .collect();
             let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
             let sum: f64 = w.iter().sum();
             for d in 0..hd {
-                let o: f64 = (0..n_keys).map(|j| w[j] * v[(j * p.n_kv_head + kvh) * hd + d] as f64).sum();
+                let o: f64 = (0..n_keys)
+                    .map(|j| w[j] * v[(j * p.n_kv_head + kvh) * hd + d] as f64)
+                    .sum();
                 out[(t * p.n_head + h) * hd + d] = (o / sum) as f32;
             }
         }
@@ -87,7 +114,10 @@ mod tests {
     fn check(p: AttentionParams) {
         let gpu = gpu();
         let q = random_f32(p.tokens * p.n_head * p.head_dim, 1);
-        let k: Vec<f32> = random_f32(p.kv_len * p.n_kv_head * p.head_dim, 2).iter().map(|x| x * 3.0).collect();
+        let k: Vec<f32> = random_f32(p.kv_len * p.n_kv_head * p.head_dim, 2)
+            .iter()
+            .map(|x| x * 3.0)
+            .collect();
         let v = random_f32(p.kv_len * p.n_kv_head * p.head_dim, 3);
         let qt = gpu.tensor_from(&[q.len()], &q).unwrap();
         let kt = gpu.tensor_from(&[k.len()], &k).unwrap();
@@ -102,29 +132,74 @@ mod tests {
 
     #[test]
     fn causal_prefill_with_grouped_heads_matches_cpu_reference() {
-        check(AttentionParams { n_head: 9, n_kv_head: 3, head_dim: 64, pos0: 0, tokens: 37, kv_len: 37, causal: true, scale: 0.125 });
+        check(AttentionParams {
+            n_head: 9,
+            n_kv_head: 3,
+            head_dim: 64,
+            pos0: 0,
+            tokens: 37,
+            kv_len: 37,
+            causal: true,
+            scale: 0.125,
+        });
     }
 
     #[test]
     fn decode_over_a_long_cache_matches_cpu_reference() {
-        check(AttentionParams { n_head: 4, n_kv_head: 1, head_dim: 32, pos0: 1000, tokens: 1, kv_len: 1001, causal: true, scale: 0.2 });
+        check(AttentionParams {
+            n_head: 4,
+            n_kv_head: 1,
+            head_dim: 32,
+            pos0: 1000,
+            tokens: 1,
+            kv_len: 1001,
+            causal: true,
+            scale: 0.2,
+        });
     }
 
     #[test]
     fn chunked_prefill_after_cached_tokens_matches_cpu_reference() {
-        check(AttentionParams { n_head: 6, n_kv_head: 2, head_dim: 48, pos0: 20, tokens: 13, kv_len: 33, causal: true, scale: 0.15 });
+        check(AttentionParams {
+            n_head: 6,
+            n_kv_head: 2,
+            head_dim: 48,
+            pos0: 20,
+            tokens: 13,
+            kv_len: 33,
+            causal: true,
+            scale: 0.15,
+        });
     }
 
     #[test]
     fn bidirectional_attention_sees_every_key() {
-        check(AttentionParams { n_head: 2, n_kv_head: 2, head_dim: 128, pos0: 0, tokens: 5, kv_len: 5, causal: false, scale: 0.09 });
+        check(AttentionParams {
+            n_head: 2,
+            n_kv_head: 2,
+            head_dim: 128,
+            pos0: 0,
+            tokens: 5,
+            kv_len: 5,
+            causal: false,
+            scale: 0.09,
+        });
     }
 
     #[test]
     fn heads_that_do_not_divide_are_rejected() {
         let gpu = gpu();
         let t = gpu.tensor(&[1024]).unwrap();
-        let p = AttentionParams { n_head: 5, n_kv_head: 2, head_dim: 8, pos0: 0, tokens: 1, kv_len: 1, causal: true, scale: 1.0 };
+        let p = AttentionParams {
+            n_head: 5,
+            n_kv_head: 2,
+            head_dim: 8,
+            pos0: 0,
+            tokens: 1,
+            kv_len: 1,
+            causal: true,
+            scale: 1.0,
+        };
         assert!(attention(&mut Recorder::new(gpu), &t, &t, &t, &t, &p).is_err());
     }
 }

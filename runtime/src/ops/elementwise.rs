@@ -6,11 +6,22 @@ use crate::pipeline::PipelineKey;
 use crate::recorder::{split_groups, Recorder};
 use crate::tensor::Tensor;
 
-fn record(rec: &mut Recorder, entry: &'static str, a: &Tensor, b: &Tensor, len: usize) -> Result<()> {
+fn record(
+    rec: &mut Recorder,
+    entry: &'static str,
+    a: &Tensor,
+    b: &Tensor,
+    len: usize,
+) -> Result<()> {
     check_len(entry, a, len)?;
     check_len(entry, b, len)?;
     let groups = split_groups(rec.gpu(), (len as u32).div_ceil(256), 1);
-    rec.dispatch(&PipelineKey::new("elementwise", entry), &[len as u32], &[a.buffer(), b.buffer()], groups)
+    rec.dispatch(
+        &PipelineKey::new("elementwise", entry),
+        &[len as u32],
+        &[a.buffer(), b.buffer()],
+        groups,
+    )
 }
 
 /// Records `a += b` over the first `len` elements.
@@ -25,7 +36,10 @@ pub fn swiglu(rec: &mut Recorder, gate: &Tensor, up: &Tensor, len: usize) -> Res
 
 /// CPU reference of SwiGLU.
 pub fn swiglu_ref(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    gate.iter().zip(up).map(|(&g, &u)| (g as f64 / (1.0 + (-g as f64).exp()) * u as f64) as f32).collect()
+    gate.iter()
+        .zip(up)
+        .map(|(&g, &u)| (g as f64 / (1.0 + (-g as f64).exp()) * u as f64) as f32)
+        .collect()
 }
 
 #[cfg(test)]

@@ -7,7 +7,13 @@ use crate::recorder::Recorder;
 use crate::tensor::{Tensor, Weight};
 
 /// Records `out[t, :] = W[ids[t], :]` for `n` ids (u32 values stored in `ids`).
-pub fn embedding(rec: &mut Recorder, w: &Weight, ids: &Tensor, n: usize, out: &Tensor) -> Result<()> {
+pub fn embedding(
+    rec: &mut Recorder,
+    w: &Weight,
+    ids: &Tensor,
+    n: usize,
+    out: &Tensor,
+) -> Result<()> {
     check_len("embedding ids", ids, n)?;
     check_len("embedding output", out, n * w.cols)?;
     let row_bytes = w.dtype.row_bytes(w.cols)? as u32;
@@ -16,11 +22,23 @@ pub fn embedding(rec: &mut Recorder, w: &Weight, ids: &Tensor, n: usize, out: &T
         .define("BLOCK_BYTES", w.dtype.wgsl_block_bytes());
     let groups = (w.cols as u32).div_ceil(4).div_ceil(64);
     if n as u32 > rec.gpu().limits().max_compute_workgroups_per_dimension {
-        return Err(RuntimeError::Shape(format!("{n} tokens in one embedding dispatch")));
+        return Err(RuntimeError::Shape(format!(
+            "{n} tokens in one embedding dispatch"
+        )));
     }
     for part in &w.parts {
-        let params = [part.rows as u32, w.cols as u32, part.row_start as u32, row_bytes];
-        rec.dispatch(&key, &params, &[&part.buffer, ids.buffer(), out.buffer()], [groups, n as u32, 1])?;
+        let params = [
+            part.rows as u32,
+            w.cols as u32,
+            part.row_start as u32,
+            row_bytes,
+        ];
+        rec.dispatch(
+            &key,
+            &params,
+            &[&part.buffer, ids.buffer(), out.buffer()],
+            [groups, n as u32, 1],
+        )?;
     }
     Ok(())
 }
@@ -47,7 +65,11 @@ mod tests {
         let mut want = vec![0.0; ids.len() * cols];
         for (t, &id) in ids.iter().enumerate() {
             let r = id as usize;
-            dequantize_row(dtype, &bytes[r * row_bytes..(r + 1) * row_bytes], &mut want[t * cols..(t + 1) * cols]);
+            dequantize_row(
+                dtype,
+                &bytes[r * row_bytes..(r + 1) * row_bytes],
+                &mut want[t * cols..(t + 1) * cols],
+            );
         }
         assert_eq!(got, want, "{dtype:?} {rows}x{cols}");
     }
@@ -62,7 +84,11 @@ mod tests {
 
     #[test]
     fn gather_works_across_weight_parts() {
-        let small = Gpu::new(&GpuOptions { max_binding_override: Some(2048), ..Default::default() }).unwrap();
+        let small = Gpu::new(&GpuOptions {
+            max_binding_override: Some(2048),
+            ..Default::default()
+        })
+        .unwrap();
         check(&small, DType::Q8_0, 200, 64, &[0, 199, 57, 120, 1]);
     }
 }

@@ -28,7 +28,12 @@ pub struct LinearOut {
 impl LinearOut {
     /// Dense input and a dense `[m, n]` output that is overwritten.
     pub fn dense(n: usize) -> Self {
-        LinearOut { x_offset: 0, offset: 0, stride: n, accumulate: false }
+        LinearOut {
+            x_offset: 0,
+            offset: 0,
+            stride: n,
+            accumulate: false,
+        }
     }
 }
 
@@ -47,7 +52,10 @@ pub fn linear(
         check_len("linear output", y, out.offset + (m - 1) * out.stride + n)?;
     }
     if out.stride < n && m > 1 {
-        return Err(RuntimeError::Shape(format!("output stride {} < {n} columns", out.stride)));
+        return Err(RuntimeError::Shape(format!(
+            "output stride {} < {n} columns",
+            out.stride
+        )));
     }
     let row_bytes = w.dtype.row_bytes(k)? as u32;
     let defines = |family| {
@@ -69,8 +77,14 @@ pub fn linear(
         ];
         let buffers = [&part.buffer, x.buffer(), y.buffer()];
         if m <= MATVEC_MAX_ROWS {
-            let key = defines("matvec").define("WG", MATVEC_WG).define("ROWS", MATVEC_ROWS);
-            let groups = split_groups(rec.gpu(), (part.rows as u32).div_ceil(MATVEC_ROWS), m as u32);
+            let key = defines("matvec")
+                .define("WG", MATVEC_WG)
+                .define("ROWS", MATVEC_ROWS);
+            let groups = split_groups(
+                rec.gpu(),
+                (part.rows as u32).div_ceil(MATVEC_ROWS),
+                m as u32,
+            );
             rec.dispatch(&key, &params, &buffers, groups)?;
         } else {
             params.push(m as u32);
@@ -88,10 +102,18 @@ pub fn linear_ref(w_bytes: &[u8], w: &Weight, x: &[f32], m: usize) -> Vec<f32> {
     let mut wf = vec![0.0f32; k];
     let mut y = vec![0.0f32; m * n];
     for r in 0..n {
-        dequantize_row(w.dtype, &w_bytes[r * row_bytes..(r + 1) * row_bytes], &mut wf);
+        dequantize_row(
+            w.dtype,
+            &w_bytes[r * row_bytes..(r + 1) * row_bytes],
+            &mut wf,
+        );
         for i in 0..m {
             let xr = &x[i * k..(i + 1) * k];
-            y[i * n + r] = xr.iter().zip(&wf).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32;
+            y[i * n + r] = xr
+                .iter()
+                .zip(&wf)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>() as f32;
         }
     }
     y
@@ -117,7 +139,10 @@ mod tests {
         let got = gpu.read(&yt).unwrap();
         let want = linear_ref(&bytes, &w, &x, m);
         let err = max_rel_err(&got, &want);
-        assert!(err < 1e-4, "{dtype:?} m={m} n={n} k={k}: relative error {err}");
+        assert!(
+            err < 1e-4,
+            "{dtype:?} m={m} n={n} k={k}: relative error {err}"
+        );
     }
 
     #[test]
@@ -152,10 +177,25 @@ mod tests {
 
     #[test]
     fn weights_split_over_the_binding_limit_give_the_same_result() {
-        let options = GpuOptions { max_binding_override: Some(8192), ..Default::default() };
+        let options = GpuOptions {
+            max_binding_override: Some(8192),
+            ..Default::default()
+        };
         let small = Gpu::new(&options).unwrap();
-        let w = small.upload_weight("w", DType::Q8_0, 300, 96, &random_weight(DType::Q8_0, 300, 96, 3)).unwrap();
-        assert!(w.parts.len() > 1, "expected a split, got {} part(s)", w.parts.len());
+        let w = small
+            .upload_weight(
+                "w",
+                DType::Q8_0,
+                300,
+                96,
+                &random_weight(DType::Q8_0, 300, 96, 3),
+            )
+            .unwrap();
+        assert!(
+            w.parts.len() > 1,
+            "expected a split, got {} part(s)",
+            w.parts.len()
+        );
         for m in [1, 6] {
             check(&small, DType::Q8_0, m, 300, 96, 3);
             check(&small, DType::Q4_1, m, 257, 64, 4);
@@ -173,7 +213,12 @@ mod tests {
         let xt = gpu.tensor_from(&[k], &x).unwrap();
         let yt = gpu.tensor_from(&[n + 5], &base).unwrap();
         let mut rec = Recorder::new(gpu);
-        let out = LinearOut { x_offset: 0, offset: 5, stride: n, accumulate: true };
+        let out = LinearOut {
+            x_offset: 0,
+            offset: 5,
+            stride: n,
+            accumulate: true,
+        };
         linear(&mut rec, &w, &xt, 1, &yt, out).unwrap();
         rec.submit().unwrap();
         let got = gpu.read(&yt).unwrap();
@@ -188,6 +233,8 @@ mod tests {
     #[test]
     fn quantized_rows_that_are_not_whole_blocks_are_rejected() {
         assert!(DType::Q4_1.row_bytes(40).is_err());
-        assert!(gpu().upload_weight("w", DType::Q8_0, 2, 40, &[0; 80]).is_err());
+        assert!(gpu()
+            .upload_weight("w", DType::Q8_0, 2, 40, &[0; 80])
+            .is_err());
     }
 }

@@ -71,6 +71,9 @@ pub(crate) mod test_util {
     pub fn max_rel_err(got: &[f32], want: &[f32]) -> f32 {
         assert_eq!(got.len(), want.len());
         let scale = want.iter().fold(1.0f32, |a, &b| a.max(b.abs()));
-        got.iter().zip(want).fold(0.0f32, |a, (g, w)| a.max((g - w).abs())) / scale
+        got.iter()
+            .zip(want)
+            .fold(0.0f32, |a, (g, w)| a.max((g - w).abs()))
+            / scale
     }
 }

@@ -8,13 +8,31 @@ use crate::tensor::Tensor;
 
 /// Records RMSNorm of `rows` rows of length `k` from `x` into `y` (which may be `x`'s twin,
 /// not `x` itself), scaled by `w` (`[k]`).
-pub fn rmsnorm(rec: &mut Recorder, x: &Tensor, w: &Tensor, y: &Tensor, rows: usize, k: usize, eps: f32) -> Result<()> {
+pub fn rmsnorm(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    y: &Tensor,
+    rows: usize,
+    k: usize,
+    eps: f32,
+) -> Result<()> {
     check_len("rmsnorm input", x, rows * k)?;
     check_len("rmsnorm weight", w, k)?;
     check_len("rmsnorm output", y, rows * k)?;
-    let wg = pow2_floor(rec.gpu().limits().max_compute_invocations_per_workgroup.min(256));
+    let wg = pow2_floor(
+        rec.gpu()
+            .limits()
+            .max_compute_invocations_per_workgroup
+            .min(256),
+    );
     let key = PipelineKey::new("rmsnorm", "main").define("WG", wg);
-    rec.dispatch(&key, &[k as u32, eps.to_bits()], &[x.buffer(), w.buffer(), y.buffer()], [rows as u32, 1, 1])
+    rec.dispatch(
+        &key,
+        &[k as u32, eps.to_bits()],
+        &[x.buffer(), w.buffer(), y.buffer()],
+        [rows as u32, 1, 1],
+    )
 }
 
 /// CPU reference.
@@ -23,7 +41,9 @@ pub fn rmsnorm_ref(x: &[f32], w: &[f32], k: usize, eps: f32) -> Vec<f32> {
         .flat_map(|row| {
             let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / k as f64;
             let scale = 1.0 / (ms + eps as f64).sqrt();
-            row.iter().zip(w).map(move |(&v, &g)| (v as f64 * scale * g as f64) as f32)
+            row.iter()
+                .zip(w)
+                .map(move |(&v, &g)| (v as f64 * scale * g as f64) as f32)
         })
         .collect()
 }

@@ -35,10 +35,17 @@ pub struct RopeParams {
 /// Records RoPE in place on `x`.
 pub fn rope(rec: &mut Recorder, x: &Tensor, p: &RopeParams) -> Result<()> {
     if p.n_rot % 2 != 0 || p.n_rot > p.head_dim || p.n_rot == 0 {
-        return Err(RuntimeError::Shape(format!("rope over {} of {} dims", p.n_rot, p.head_dim)));
+        return Err(RuntimeError::Shape(format!(
+            "rope over {} of {} dims",
+            p.n_rot, p.head_dim
+        )));
     }
     if p.tokens > 0 {
-        check_len("rope", x, p.offset + (p.tokens - 1) * p.stride + p.heads * p.head_dim)?;
+        check_len(
+            "rope",
+            x,
+            p.offset + (p.tokens - 1) * p.stride + p.heads * p.head_dim,
+        )?;
     }
     let params = [
         p.heads as u32,
@@ -51,7 +58,12 @@ pub fn rope(rec: &mut Recorder, x: &Tensor, p: &RopeParams) -> Result<()> {
         p.stride as u32,
     ];
     let groups = ((p.heads * p.n_rot / 2) as u32).div_ceil(64);
-    rec.dispatch(&PipelineKey::new("rope", "main"), &params, &[x.buffer()], [groups, p.tokens as u32, 1])
+    rec.dispatch(
+        &PipelineKey::new("rope", "main"),
+        &params,
+        &[x.buffer()],
+        [groups, p.tokens as u32, 1],
+    )
 }
 
 /// CPU reference, in f64, on a dense `[tokens, heads, head_dim]` slice.
@@ -61,7 +73,8 @@ pub fn rope_ref(x: &mut [f32], p: &RopeParams) {
         for h in 0..p.heads {
             let base = p.offset + t * p.stride + h * p.head_dim;
             for i in 0..half {
-                let theta = (p.pos0 + t) as f64 * (p.base as f64).powf(-2.0 * i as f64 / p.n_rot as f64);
+                let theta =
+                    (p.pos0 + t) as f64 * (p.base as f64).powf(-2.0 * i as f64 / p.n_rot as f64);
                 let (a, b) = match p.layout {
                     RopeLayout::Normal => (base + 2 * i, base + 2 * i + 1),
                     RopeLayout::Neox => (base + i, base + i + half),
@@ -84,9 +97,11 @@ mod tests {
     fn rope_matches_cpu_reference_in_both_layouts() {
         let gpu = gpu();
         for layout in [RopeLayout::Normal, RopeLayout::Neox] {
-            for (heads, head_dim, n_rot, base, pos0, tokens) in
-                [(3, 64, 64, 10000.0, 0, 5), (2, 10, 6, 100000.0, 17, 3), (1, 128, 128, 500000.0, 4000, 1)]
-            {
+            for (heads, head_dim, n_rot, base, pos0, tokens) in [
+                (3, 64, 64, 10000.0, 0, 5),
+                (2, 10, 6, 100000.0, 17, 3),
+                (1, 128, 128, 500000.0, 4000, 1),
+            ] {
                 let p = RopeParams {
                     heads,
                     head_dim,
@@ -107,7 +122,10 @@ mod tests {
                 rope_ref(&mut x, &p);
                 // f32 angles at position 4000 carry ~1e-4 relative phase error.
                 let err = max_rel_err(&got, &x);
-                assert!(err < 2e-3, "{layout:?} {heads}x{head_dim} pos {pos0}: {err}");
+                assert!(
+                    err < 2e-3,
+                    "{layout:?} {heads}x{head_dim} pos {pos0}: {err}"
+                );
             }
         }
     }

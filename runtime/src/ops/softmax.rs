@@ -9,7 +9,12 @@ use crate::tensor::Tensor;
 /// Records a softmax of each of `rows` rows of length `k`.
 pub fn softmax(rec: &mut Recorder, x: &Tensor, rows: usize, k: usize) -> Result<()> {
     check_len("softmax", x, rows * k)?;
-    let wg = pow2_floor(rec.gpu().limits().max_compute_invocations_per_workgroup.min(256));
+    let wg = pow2_floor(
+        rec.gpu()
+            .limits()
+            .max_compute_invocations_per_workgroup
+            .min(256),
+    );
     let key = PipelineKey::new("softmax", "main").define("WG", wg);
     rec.dispatch(&key, &[k as u32], &[x.buffer()], [rows as u32, 1, 1])
 }
@@ -20,7 +25,8 @@ pub fn softmax_ref(x: &[f32], k: usize) -> Vec<f32> {
         .flat_map(|row| {
             let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
             let sum: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
-            row.iter().map(move |&v| ((v as f64 - m).exp() / sum) as f32)
+            row.iter()
+                .map(move |&v| ((v as f64 - m).exp() / sum) as f32)
         })
         .collect()
 }
@@ -42,7 +48,10 @@ mod tests {
             rec.submit().unwrap();
             let got = gpu.read(&xt).unwrap();
             assert!(got.iter().all(|v| v.is_finite()));
-            assert!(max_rel_err(&got, &softmax_ref(&x, k)) < 1e-5, "rows={rows} k={k}");
+            assert!(
+                max_rel_err(&got, &softmax_ref(&x, k)) < 1e-5,
+                "rows={rows} k={k}"
+            );
         }
     }
 }

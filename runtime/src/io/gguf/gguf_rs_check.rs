@@ -80,11 +80,16 @@ fn rs_decode(bytes: &[u8]) -> Rs {
 /// Whether gguf-rs's JSON value holds the same data as ours.
 fn same_value(ours: &MetaValue, theirs: &Value) -> bool {
     if let Some(n) = ours.as_i128() {
-        let t = theirs.as_u64().map(i128::from).or_else(|| theirs.as_i64().map(i128::from));
+        let t = theirs
+            .as_u64()
+            .map(i128::from)
+            .or_else(|| theirs.as_i64().map(i128::from));
         return t == Some(n);
     }
     match ours {
-        MetaValue::F32(_) | MetaValue::F64(_) => theirs.as_f64() == ours.as_f64(),
+        // gguf-rs keeps an f32 as its shortest decimal form, so compare f32s as f32.
+        MetaValue::F32(x) => theirs.as_f64().map(|t| t as f32) == Some(*x),
+        MetaValue::F64(x) => theirs.as_f64() == Some(*x),
         MetaValue::Bool(b) => theirs.as_bool() == Some(*b),
         MetaValue::String(s) => theirs.as_str() == Some(s.as_str()),
         MetaValue::Array { items, .. } => theirs.as_array().is_some_and(|t| {
@@ -142,7 +147,9 @@ fn gguf_rs_agrees_on_the_real_model() {
     let mut magic = [0u8; 4];
     file.read_exact(&mut magic).unwrap();
     assert_eq!(magic, GGUF_MAGIC);
-    let theirs = GGUFContainer::new(ByteOrder::LE, Box::new(file), u64::MAX).decode().unwrap();
+    let theirs = GGUFContainer::new(ByteOrder::LE, Box::new(file), u64::MAX)
+        .decode()
+        .unwrap();
     assert_eq!(assert_agree(&ours, &theirs), Vec::<String>::new());
     assert_eq!(theirs.model_family(), "llama");
 }
@@ -163,7 +170,9 @@ fn gguf_rs_rejects_valid_nested_arrays_so_depth_bombs_fail_early() {
 #[test]
 fn gguf_rs_accepts_alignment_0_48_and_12() {
     for (a, theirs) in [(0u32, 32u64), (48, 48), (12, 32)] {
-        let b = Builder::new(3).alignment(a).tensor("w", &[8], GgmlType::F32);
+        let b = Builder::new(3)
+            .alignment(a)
+            .tensor("w", &[8], GgmlType::F32);
         let m = rs_decode(&b.build().bytes).accepted("bad alignment");
         assert_eq!(m.alignment(), theirs, "general.alignment = {a}");
     }
@@ -185,7 +194,11 @@ fn gguf_rs_accepts_cuts_in_the_data_section_and_rejects_header_cuts_without_pani
         let rs = rs_decode(&built.bytes[..cut]);
         match (&rs, cut < built.infos_end) {
             (Rs::Rejected(_), true) | (Rs::Accepted(_), false) => {}
-            _ => panic!("cut at {cut} (infos end {}): gguf-rs {}", built.infos_end, rs.kind()),
+            _ => panic!(
+                "cut at {cut} (infos end {}): gguf-rs {}",
+                built.infos_end,
+                rs.kind()
+            ),
         }
     }
 }
@@ -195,7 +208,11 @@ fn gguf_rs_rejects_absurd_counts_and_lengths_quickly() {
     let quick = |bytes: Vec<u8>, what: &str| {
         let start = Instant::now();
         let err = rs_decode(&bytes).rejected(what);
-        assert!(start.elapsed() < Duration::from_secs(1), "{what}: {:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{what}: {:?}",
+            start.elapsed()
+        );
         err
     };
     let mut b = Builder::new(3).kv("a", MetaValue::U32(1));
@@ -204,7 +221,10 @@ fn gguf_rs_rejects_absurd_counts_and_lengths_quickly() {
     let mut b = Builder::new(3).kv("a", MetaValue::U32(1));
     b.n_kv = Some(1 << 62);
     quick(b.build().bytes, "metadata count 2^62");
-    let bytes = Builder::new(3).kv_raw(b"k", 8, &(1u64 << 63).to_le_bytes()).build().bytes;
+    let bytes = Builder::new(3)
+        .kv_raw(b"k", 8, &(1u64 << 63).to_le_bytes())
+        .build()
+        .bytes;
     let err = quick(bytes, "string length 2^63");
     assert!(err.contains("exceeds maximum"), "{err}");
     for elem in [0u32, 8] {
@@ -244,8 +264,12 @@ fn gguf_rs_accepts_removed_types_with_size_0_and_rejects_unknown_types_without_n
 fn gguf_rs_byte_sizes_are_wrong_for_bf16_ints_f64_iq4_nl_q8_1_and_mxfp4() {
     use GgmlType::*;
     let wrong = [BF16, I8, I16, I32, I64, F64, IQ4_NL, Q8_1, MXFP4];
-    let right = [F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K];
-    let right_iq = [IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ3_S, IQ2_S, IQ4_XS, IQ1_M, TQ1_0, TQ2_0];
+    let right = [
+        F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K,
+    ];
+    let right_iq = [
+        IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ3_S, IQ2_S, IQ4_XS, IQ1_M, TQ1_0, TQ2_0,
+    ];
     let mut b = Builder::new(3);
     for t in wrong.iter().chain(&right).chain(&right_iq) {
         b = b.tensor(t.name(), &[256, 2], *t);
@@ -272,10 +296,14 @@ fn gguf_rs_accepts_partial_blocks_and_zero_dims_but_rejects_overflowing_dims() {
 
 #[test]
 fn gguf_rs_accepts_duplicates_and_replaces_invalid_utf8() {
-    let b = Builder::new(3).tensor("w", &[8], GgmlType::F32).tensor("w", &[8], GgmlType::F32);
+    let b = Builder::new(3)
+        .tensor("w", &[8], GgmlType::F32)
+        .tensor("w", &[8], GgmlType::F32);
     let m = rs_decode(&b.build().bytes).accepted("duplicate tensors");
     assert_eq!(m.tensors().len(), 2);
-    let b = Builder::new(3).kv("k", MetaValue::U8(1)).kv("k", MetaValue::U8(2));
+    let b = Builder::new(3)
+        .kv("k", MetaValue::U8(1))
+        .kv("k", MetaValue::U8(2));
     let m = rs_decode(&b.build().bytes).accepted("duplicate keys");
     assert_eq!(m.metadata().len(), 1);
     assert_eq!(m.metadata()["k"].as_u64(), Some(2));
@@ -292,7 +320,10 @@ fn gguf_rs_accepts_v1_and_does_not_recognise_big_endian_files() {
     bytes.extend_from_slice(&3u32.to_be_bytes());
     bytes.extend_from_slice(&[0; 16]);
     let err = rs_decode(&bytes).rejected("big-endian");
-    assert!(err.contains("invalid version 50331648") && !err.contains("endian"), "{err}");
+    assert!(
+        err.contains("invalid version 50331648") && !err.contains("endian"),
+        "{err}"
+    );
 }
 
 #[test]
