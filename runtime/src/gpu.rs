@@ -127,7 +127,7 @@ fn report(index: usize, adapter: &wgpu::Adapter) -> AdapterReport {
         subgroup_min_size: info.subgroup_min_size,
         subgroup_max_size: info.subgroup_max_size,
         timestamp_query: features.contains(wgpu::Features::TIMESTAMP_QUERY),
-        max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size as u64,
+        max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
         max_buffer_size: limits.max_buffer_size,
         max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
         max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
@@ -245,8 +245,9 @@ impl Gpu {
             subgroup_max_size: info.subgroup_max_size,
             timestamp_query: required_features.contains(wgpu::Features::TIMESTAMP_QUERY),
         };
-        let adapter_max =
-            (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+        let adapter_max = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
         let max_binding = options
             .max_binding_override
             .map_or(adapter_max, |o| o.min(adapter_max));

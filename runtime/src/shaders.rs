@@ -55,3 +55,65 @@ pub fn validate(text: &str) -> Result<naga::Module, String> {
         .map_err(|e| e.emit_to_string(text))?;
     Ok(module)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::DType;
+
+    /// Every specialisation the runtime can ask for, by family.
+    fn specialisations() -> Vec<(&'static str, Vec<(&'static str, u32)>)> {
+        let mut all = Vec::new();
+        for family in ["matvec", "matmul", "embedding"] {
+            for dtype in DType::ALL {
+                let mut defines = vec![
+                    ("WTYPE", dtype.ggml_id()),
+                    ("BLOCK_BYTES", dtype.wgsl_block_bytes()),
+                ];
+                if family == "matvec" {
+                    defines.extend([("WG", 64), ("ROWS", 4)]);
+                }
+                all.push((family, defines));
+            }
+        }
+        for family in ["rmsnorm", "softmax", "argmax"] {
+            for wg in [1, 64, 256] {
+                all.push((family, vec![("WG", wg)]));
+            }
+        }
+        for hd in [32, 48, 64, 80, 128, 256] {
+            for wg in [8, 32] {
+                all.push(("attention", vec![("WG", wg), ("HD", hd)]));
+            }
+        }
+        all.push(("rope", vec![]));
+        all.push(("elementwise", vec![]));
+        all
+    }
+
+    #[test]
+    fn every_wgsl_file_validates_with_naga_in_every_specialisation() {
+        let specs = specialisations();
+        for (name, _) in SOURCES.iter().filter(|(n, _)| *n != "quant") {
+            assert!(
+                specs.iter().any(|(f, _)| f == name),
+                "{name}.wgsl is never validated"
+            );
+        }
+        for (family, defines) in specs {
+            let text = assemble(family, &defines).expect("known family");
+            if let Err(e) = validate(&text) {
+                panic!("{family} {defines:?} does not validate:\n{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_broken_kernel_is_reported_with_its_line() {
+        let err = validate("fn main() { let x: u32 = 1.5; }").unwrap_err();
+        assert!(
+            err.contains("1.5") || err.contains("mismatch") || err.contains("type"),
+            "{err}"
+        );
+    }
+}

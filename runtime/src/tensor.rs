@@ -80,7 +80,7 @@ impl DType {
 
     /// Bytes of one row of `k` elements, or an error when `k` is not a whole number of blocks.
     pub fn row_bytes(self, k: usize) -> Result<usize> {
-        if k % self.block_size() != 0 {
+        if !k.is_multiple_of(self.block_size()) {
             return Err(RuntimeError::Shape(format!(
                 "a {} row must hold a multiple of {} elements, not {k}",
                 self.name(),

@@ -46,6 +46,9 @@ enum Command {
     Perplexity(PerplexityArgs),
     /// Show how a text is tokenized.
     Tokenize(TokenizeArgs),
+    /// Download the default model into the cache now (otherwise done on first use) and print
+    /// its path.
+    Fetch,
 }
 
 #[derive(Args)]
@@ -161,6 +164,10 @@ pub fn run() -> Result<()> {
         Command::Generate(args) => generate_command(args),
         Command::Perplexity(args) => perplexity_command(args),
         Command::Tokenize(args) => tokenize_command(args),
+        Command::Fetch => {
+            println!("{}", model_path(&None)?.display());
+            Ok(())
+        }
     }
 }
 

@@ -45,14 +45,14 @@ impl LlamaConfig {
         let n_head_kv = file
             .get_u32_opt(&key("attention.head_count_kv"))?
             .map_or(n_head, |v| v as usize);
-        if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
+        if n_head == 0 || n_head_kv == 0 || !n_head.is_multiple_of(n_head_kv) {
             return Err(LlmError::BadConfig(format!(
                 "{n_head} attention heads cannot share {n_head_kv} KV heads"
             )));
         }
         let head_dim = match file.get_u32_opt(&key("attention.key_length"))? {
             Some(v) => v as usize,
-            None if n_embd % n_head == 0 => n_embd / n_head,
+            None if n_embd.is_multiple_of(n_head) => n_embd / n_head,
             None => {
                 return Err(LlmError::BadConfig(format!(
                     "embedding length {n_embd} is not a multiple of {n_head} heads"
@@ -86,7 +86,8 @@ impl LlamaConfig {
             n_vocab,
             architecture: arch,
         };
-        if config.n_rot > config.head_dim || config.n_rot % 2 != 0 || config.n_layer == 0 {
+        if config.n_rot > config.head_dim || !config.n_rot.is_multiple_of(2) || config.n_layer == 0
+        {
             return Err(LlmError::BadConfig(format!(
                 "inconsistent hyperparameters: {config:?}"
             )));

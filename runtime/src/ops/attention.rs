@@ -32,7 +32,7 @@ pub fn attention(
     out: &Tensor,
     p: &AttentionParams,
 ) -> Result<()> {
-    if p.n_kv_head == 0 || p.n_head % p.n_kv_head != 0 {
+    if p.n_kv_head == 0 || !p.n_head.is_multiple_of(p.n_kv_head) {
         return Err(RuntimeError::Shape(format!(
             "{} heads over {} KV heads",
             p.n_head, p.n_kv_head

@@ -34,7 +34,7 @@ pub struct RopeParams {
 
 /// Records RoPE in place on `x`.
 pub fn rope(rec: &mut Recorder, x: &Tensor, p: &RopeParams) -> Result<()> {
-    if p.n_rot % 2 != 0 || p.n_rot > p.head_dim || p.n_rot == 0 {
+    if !p.n_rot.is_multiple_of(2) || p.n_rot > p.head_dim || p.n_rot == 0 {
         return Err(RuntimeError::Shape(format!(
             "rope over {} of {} dims",
             p.n_rot, p.head_dim

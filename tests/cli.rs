@@ -1,0 +1,174 @@
+//! The `tessera` command line on bad input: each failure names the problem and the way out,
+//! and nothing panics.
+
+mod common;
+
+use std::process::{Command, Output};
+
+fn tessera(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .output()
+        .expect("tessera runs")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_clean_failure(out: &Output, needles: &[&str]) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "expected failure, stderr: {err}");
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    for needle in needles {
+        assert!(
+            err.to_lowercase().contains(&needle.to_lowercase()),
+            "{needle:?} not in: {err}"
+        );
+    }
+}
+
+/// A minimal GGUF v3 file with string metadata and no tensors.
+fn gguf_with_metadata(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    b.extend_from_slice(&(pairs.len() as u64).to_le_bytes());
+    for (k, v) in pairs {
+        b.extend_from_slice(&(k.len() as u64).to_le_bytes());
+        b.extend_from_slice(k.as_bytes());
+        b.extend_from_slice(&8u32.to_le_bytes());
+        b.extend_from_slice(&(v.len() as u64).to_le_bytes());
+        b.extend_from_slice(v.as_bytes());
+    }
+    b
+}
+
+#[test]
+fn devices_lists_at_least_one_adapter_with_its_limits() {
+    let out = tessera(&["devices"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("backend") && text.contains("max storage binding"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_missing_model_file_is_named() {
+    let out = tessera(&["generate", "-m", "/nonexistent/model.gguf", "-p", "hi"]);
+    assert_clean_failure(&out, &["/nonexistent/model.gguf"]);
+}
+
+#[test]
+fn a_truncated_model_says_to_download_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cut.gguf");
+    let bytes = std::fs::read(common::model_path()).unwrap();
+    std::fs::write(&path, &bytes[..1_000_000]).unwrap();
+    let out = tessera(&["generate", "-m", path.to_str().unwrap(), "-p", "hi"]);
+    assert_clean_failure(&out, &["again"]);
+}
+
+#[test]
+fn a_file_that_is_not_gguf_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.gguf");
+    std::fs::write(&path, b"PK\x03\x04 this is a zip, not a model").unwrap();
+    let out = tessera(&["generate", "-m", path.to_str().unwrap(), "-p", "hi"]);
+    assert_clean_failure(&out, &["gguf"]);
+}
+
+#[test]
+fn an_unknown_architecture_lists_the_supported_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mamba.gguf");
+    std::fs::write(
+        &path,
+        gguf_with_metadata(&[("general.architecture", "mamba9")]),
+    )
+    .unwrap();
+    let out = tessera(&["generate", "-m", path.to_str().unwrap(), "-p", "hi"]);
+    assert_clean_failure(&out, &["mamba9", "llama"]);
+}
+
+#[test]
+fn a_prompt_longer_than_the_context_says_how_to_fit_it() {
+    let model = common::model_path();
+    let prompt = "word ".repeat(100);
+    let out = tessera(&[
+        "generate",
+        "-m",
+        model.to_str().unwrap(),
+        "-c",
+        "32",
+        "-p",
+        &prompt,
+    ]);
+    assert_clean_failure(&out, &["context", "--ctx-size"]);
+}
+
+#[test]
+fn no_vulkan_driver_says_how_to_install_one() {
+    let model = common::model_path();
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["generate", "-m", model.to_str().unwrap(), "-p", "hi"])
+        .env("WGPU_BACKEND", "vulkan")
+        .env("VK_DRIVER_FILES", "/nonexistent/icd.json")
+        .env("VK_ICD_FILENAMES", "/nonexistent/icd.json")
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, &["mesa-vulkan-drivers"]);
+}
+
+#[test]
+fn an_unknown_device_lists_the_adapters_found() {
+    let model = common::model_path();
+    let out = tessera(&[
+        "generate",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        "hi",
+        "--device",
+        "nosuchgpu",
+    ]);
+    assert_clean_failure(&out, &["nosuchgpu", "adapters found"]);
+}
+
+#[test]
+fn tokenize_prints_ids_as_a_list() {
+    let model = common::model_path();
+    let out = tessera(&[
+        "tokenize",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        "Hello world",
+        "--ids",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[19556, 905]");
+}
+
+#[test]
+fn greedy_generation_streams_only_the_completion_to_stdout() {
+    let model = common::model_path();
+    let out = tessera(&[
+        "generate",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        "The capital of France is",
+        "-n",
+        "4",
+        "--temp",
+        "0",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with(" Paris"), "{text:?}");
+    assert!(!text.contains("capital"), "the prompt was echoed: {text:?}");
+    assert!(stderr(&out).contains("tokens/s"));
+}
