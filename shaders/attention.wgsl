@@ -18,27 +18,30 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> k_cache: array<f32>;
-@group(0) @binding(3) var<storage, read> v_cache: array<f32>;
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> k_cache: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> v_cache: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> out: array<vec4<f32>>;
+
+// Rows are handled as vec4: HD is a multiple of 4, and loops of H4 steps unroll.
+const H4: u32 = HD / 4u;
 
 var<workgroup> part_max: array<f32, WG>;
 var<workgroup> part_sum: array<f32, WG>;
-var<workgroup> part_acc: array<f32, WG * HD>;
+var<workgroup> part_acc: array<vec4<f32>, WG * H4>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let h = wid.x;
     let t = wid.y;
     let kvh = h / (p.n_head / p.n_kv_head);
-    let qb = (t * p.n_head + h) * HD;
+    let qb = (t * p.n_head + h) * H4;
 
-    var qv: array<f32, HD>;
-    var acc: array<f32, HD>;
-    for (var d = 0u; d < HD; d++) {
+    var qv: array<vec4<f32>, H4>;
+    var acc: array<vec4<f32>, H4>;
+    for (var d = 0u; d < H4; d++) {
         qv[d] = q[qb + d] * p.scale;
-        acc[d] = 0.0;
+        acc[d] = vec4<f32>(0.0);
     }
     var n_keys = p.kv_len;
     if (p.causal == 1u) {
@@ -48,24 +51,25 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var m = -3.4e38;
     var l = 0.0;
     for (var j = lid; j < n_keys; j += WG) {
-        let kb = (j * p.n_kv_head + kvh) * HD;
-        var s = 0.0;
-        for (var d = 0u; d < HD; d++) {
-            s += qv[d] * k_cache[kb + d];
+        let kb = (j * p.n_kv_head + kvh) * H4;
+        var s4 = vec4<f32>(0.0);
+        for (var d = 0u; d < H4; d++) {
+            s4 += qv[d] * k_cache[kb + d];
         }
+        let s = s4.x + s4.y + s4.z + s4.w;
         let m_new = max(m, s);
         let correction = exp(m - m_new);
         let weight = exp(s - m_new);
         l = l * correction + weight;
-        for (var d = 0u; d < HD; d++) {
+        for (var d = 0u; d < H4; d++) {
             acc[d] = acc[d] * correction + weight * v_cache[kb + d];
         }
         m = m_new;
     }
     part_max[lid] = m;
     part_sum[lid] = l;
-    for (var d = 0u; d < HD; d++) {
-        part_acc[lid * HD + d] = acc[d];
+    for (var d = 0u; d < H4; d++) {
+        part_acc[lid * H4 + d] = acc[d];
     }
     workgroupBarrier();
 
@@ -77,10 +81,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for (var i = 0u; i < WG; i++) {
         total += part_sum[i] * exp(part_max[i] - global_max);
     }
-    for (var d = lid; d < HD; d += WG) {
-        var o = 0.0;
+    for (var d = lid; d < H4; d += WG) {
+        var o = vec4<f32>(0.0);
         for (var i = 0u; i < WG; i++) {
-            o += part_acc[i * HD + d] * exp(part_max[i] - global_max);
+            o += part_acc[i * H4 + d] * exp(part_max[i] - global_max);
         }
         out[qb + d] = o / total;
     }

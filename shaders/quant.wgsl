@@ -5,13 +5,17 @@
 // BLOCK_BYTES (bytes per 32 elements). Rows are addressed by their byte offset; Q8_0 and Q4_0
 // blocks are only 2-byte aligned, so words are read through `read_u32_at`.
 
-// The 32-bit word at a 2-byte-aligned byte offset.
+// The 32-bit word at a 2-byte-aligned byte offset. Types whose blocks keep 4-byte alignment
+// read one word; the others read two and shift, without a branch that would split SIMD lanes.
 fn read_u32_at(byte: u32) -> u32 {
     let w = byte >> 2u;
-    if ((byte & 3u) == 0u) {
+    if (BLOCK_BYTES % 4u == 0u && WTYPE != 1u) {
         return weights[w];
     }
-    return (weights[w] >> 16u) | (weights[w + 1u] << 16u);
+    let shift = (byte & 2u) * 8u;
+    let lo = weights[w] >> shift;
+    let hi = select(0u, weights[w + 1u] << (32u - shift), shift != 0u);
+    return lo | hi;
 }
 
 // The f16 at a 2-byte-aligned byte offset, widened to f32.

@@ -79,10 +79,35 @@ pub struct DeviceFeatures {
     pub timestamp_query: bool,
 }
 
+/// How kernels split work over invocations; chosen per device type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelLayout {
+    /// The threads of a workgroup share an output row and reduce in workgroup memory: for GPUs,
+    /// where neighbouring threads should read neighbouring bytes.
+    Cooperative,
+    /// Each invocation owns an output row (or query) and loads shared by all lanes are
+    /// broadcast: for CPU devices such as lavapipe, whose SIMD lanes are invocations.
+    LanePerRow,
+}
+
+impl FromStr for KernelLayout {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cooperative" => Ok(KernelLayout::Cooperative),
+            "rows" | "lane-per-row" => Ok(KernelLayout::LanePerRow),
+            _ => Err(format!("unknown kernel layout `{s}` (use `cooperative` or `rows`)")),
+        }
+    }
+}
+
 /// Options for opening a device.
 #[derive(Clone, Debug, Default)]
 pub struct GpuOptions {
     pub selector: DeviceSelector,
+    /// Overrides the kernel layout chosen from the device type (also `TESSERA_KERNELS`).
+    pub layout: Option<KernelLayout>,
     /// Caps the storage-binding size below the adapter's own limit: tests use it to force
     /// weight splitting on any device.
     pub max_binding_override: Option<u64>,
@@ -96,6 +121,7 @@ pub struct Gpu {
     limits: wgpu::Limits,
     features: DeviceFeatures,
     max_binding: u64,
+    layout: KernelLayout,
     pub(crate) pipelines: PipelineCache,
     pub(crate) pool: Arc<Mutex<BufferPool>>,
     pub(crate) device_error: Arc<Mutex<Option<String>>>,
@@ -251,6 +277,11 @@ impl Gpu {
         let max_binding = options
             .max_binding_override
             .map_or(adapter_max, |o| o.min(adapter_max));
+        let env_layout = std::env::var("TESSERA_KERNELS").ok().and_then(|s| s.parse().ok());
+        let layout = options.layout.or(env_layout).unwrap_or(match info.device_type {
+            wgpu::DeviceType::Cpu => KernelLayout::LanePerRow,
+            _ => KernelLayout::Cooperative,
+        });
         log::info!(
             "device: {} ({:?}, {:?}), driver {} {}, storage binding limit {} MiB",
             info.name,
@@ -267,6 +298,7 @@ impl Gpu {
             limits,
             features,
             max_binding,
+            layout,
             pipelines: PipelineCache::default(),
             pool: Arc::new(Mutex::new(BufferPool::default())),
             device_error,
@@ -296,6 +328,11 @@ impl Gpu {
     /// Optional features that were found and enabled.
     pub fn features(&self) -> DeviceFeatures {
         self.features
+    }
+
+    /// How kernels split their work on this device.
+    pub fn kernel_layout(&self) -> KernelLayout {
+        self.layout
     }
 
     /// The largest buffer a kernel may bind as storage; larger weights are split by rows.

@@ -16,6 +16,6 @@ pub mod tensor;
 pub mod testing;
 
 pub use error::{Result, RuntimeError};
-pub use gpu::{enumerate_adapters, AdapterReport, DeviceSelector, Gpu, GpuOptions};
+pub use gpu::{enumerate_adapters, AdapterReport, DeviceSelector, Gpu, GpuOptions, KernelLayout};
 pub use recorder::{ReadId, Recorder};
 pub use tensor::{dequantize_row, DType, Tensor, Weight};

@@ -9,9 +9,11 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("embedding", include_str!("../../shaders/embedding.wgsl")),
     ("matvec", include_str!("../../shaders/matvec.wgsl")),
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
+    ("linear_rows", include_str!("../../shaders/linear_rows.wgsl")),
     ("rmsnorm", include_str!("../../shaders/rmsnorm.wgsl")),
     ("rope", include_str!("../../shaders/rope.wgsl")),
     ("attention", include_str!("../../shaders/attention.wgsl")),
+    ("attention_rows", include_str!("../../shaders/attention_rows.wgsl")),
     (
         "elementwise",
         include_str!("../../shaders/elementwise.wgsl"),
@@ -21,7 +23,7 @@ pub const SOURCES: &[(&str, &str)] = &[
 ];
 
 /// Kernel families whose source calls the block dequantisation in `quant.wgsl`.
-const NEEDS_QUANT: &[&str] = &["embedding", "matvec", "matmul"];
+const NEEDS_QUANT: &[&str] = &["embedding", "matvec", "matmul", "linear_rows"];
 
 /// Returns the source of one file, or `None` for an unknown name.
 pub fn source(name: &str) -> Option<&'static str> {
@@ -64,7 +66,7 @@ mod tests {
     /// Every specialisation the runtime can ask for, by family.
     fn specialisations() -> Vec<(&'static str, Vec<(&'static str, u32)>)> {
         let mut all = Vec::new();
-        for family in ["matvec", "matmul", "embedding"] {
+        for family in ["matvec", "matmul", "embedding", "linear_rows"] {
             for dtype in DType::ALL {
                 let mut defines = vec![
                     ("WTYPE", dtype.ggml_id()),
@@ -72,6 +74,14 @@ mod tests {
                 ];
                 if family == "matvec" {
                     defines.extend([("WG", 64), ("ROWS", 4)]);
+                }
+                if family == "linear_rows" {
+                    for tm in [1, 4, 8] {
+                        let mut d = defines.clone();
+                        d.push(("TM", tm));
+                        all.push((family, d));
+                    }
+                    continue;
                 }
                 all.push((family, defines));
             }
@@ -85,6 +95,7 @@ mod tests {
             for wg in [8, 32] {
                 all.push(("attention", vec![("WG", wg), ("HD", hd)]));
             }
+            all.push(("attention_rows", vec![("HD", hd)]));
         }
         all.push(("rope", vec![]));
         all.push(("elementwise", vec![]));

@@ -2,6 +2,7 @@
 //! prefill (many queries) and decode (one) alike.
 
 use crate::error::{Result, RuntimeError};
+use crate::gpu::KernelLayout;
 use crate::ops::{check_len, pow2_floor};
 use crate::pipeline::PipelineKey;
 use crate::recorder::Recorder;
@@ -32,6 +33,9 @@ pub fn attention(
     out: &Tensor,
     p: &AttentionParams,
 ) -> Result<()> {
+    if p.head_dim == 0 || !p.head_dim.is_multiple_of(4) {
+        return Err(RuntimeError::Shape(format!("head size {} is not a multiple of 4", p.head_dim)));
+    }
     if p.n_kv_head == 0 || !p.n_head.is_multiple_of(p.n_kv_head) {
         return Err(RuntimeError::Shape(format!(
             "{} heads over {} KV heads",
@@ -42,6 +46,23 @@ pub fn attention(
     check_len("attention out", out, p.tokens * p.n_head * p.head_dim)?;
     check_len("attention k", k, p.kv_len * p.n_kv_head * p.head_dim)?;
     check_len("attention v", v, p.kv_len * p.n_kv_head * p.head_dim)?;
+
+    let params = [
+        p.n_head as u32,
+        p.n_kv_head as u32,
+        p.pos0 as u32,
+        p.causal as u32,
+        p.kv_len as u32,
+        p.scale.to_bits(),
+        p.tokens as u32,
+    ];
+    let buffers = [q.buffer(), k.buffer(), v.buffer(), out.buffer()];
+    // A query per lane pays off once there are enough queries to fill the SIMD lanes.
+    if rec.gpu().kernel_layout() == KernelLayout::LanePerRow && p.tokens >= 16 {
+        let key = PipelineKey::new("attention_rows", "main").define("HD", p.head_dim as u32);
+        let groups = [p.n_head as u32, (p.tokens as u32).div_ceil(64), 1];
+        return rec.dispatch(&key, &params, &buffers, groups);
+    }
 
     // Partial sums of WG threads for head_dim values each must fit in workgroup memory.
     let limits = rec.gpu().limits();
@@ -108,11 +129,16 @@ pub fn attention_ref(q: &[f32], k: &[f32], v: &[f32], p: &AttentionParams) -> Ve
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::test_util::{gpu, max_rel_err};
+    use crate::ops::test_util::{gpu, gpus, max_rel_err};
     use crate::testing::random_f32;
 
     fn check(p: AttentionParams) {
-        let gpu = gpu();
+        for gpu in gpus() {
+            check_on(gpu, p);
+        }
+    }
+
+    fn check_on(gpu: &crate::gpu::Gpu, p: AttentionParams) {
         let q = random_f32(p.tokens * p.n_head * p.head_dim, 1);
         let k: Vec<f32> = random_f32(p.kv_len * p.n_kv_head * p.head_dim, 2)
             .iter()
@@ -137,8 +163,8 @@ mod tests {
             n_kv_head: 3,
             head_dim: 64,
             pos0: 0,
-            tokens: 37,
-            kv_len: 37,
+            tokens: 70,
+            kv_len: 70,
             causal: true,
             scale: 0.125,
         });

@@ -3,6 +3,7 @@
 //! matmul; a weight split into row ranges runs once per part.
 
 use crate::error::{Result, RuntimeError};
+use crate::gpu::KernelLayout;
 use crate::ops::check_len;
 use crate::pipeline::PipelineKey;
 use crate::recorder::{split_groups, Recorder};
@@ -76,7 +77,21 @@ pub fn linear(
             out.x_offset as u32,
         ];
         let buffers = [&part.buffer, x.buffer(), y.buffer()];
-        if m <= MATVEC_MAX_ROWS {
+        let rows_layout = rec.gpu().kernel_layout() == KernelLayout::LanePerRow
+            && k.is_multiple_of(4)
+            && out.x_offset.is_multiple_of(4);
+        if rows_layout {
+            let tm = match m {
+                0..=1 => 1,
+                2..=4 => 4,
+                _ => 8,
+            };
+            params.push(m as u32);
+            let key = defines("linear_rows").define("TM", tm);
+            let groups =
+                split_groups(rec.gpu(), (part.rows as u32).div_ceil(64), (m as u32).div_ceil(tm));
+            rec.dispatch(&key, &params, &buffers, groups)?;
+        } else if m <= MATVEC_MAX_ROWS {
             let key = defines("matvec")
                 .define("WG", MATVEC_WG)
                 .define("ROWS", MATVEC_ROWS);
@@ -122,8 +137,8 @@ pub fn linear_ref(w_bytes: &[u8], w: &Weight, x: &[f32], m: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::{Gpu, GpuOptions};
-    use crate::ops::test_util::{gpu, max_rel_err};
+    use crate::gpu::{Gpu, GpuOptions, KernelLayout};
+    use crate::ops::test_util::{gpu, gpus, max_rel_err};
     use crate::tensor::DType;
     use crate::testing::{random_f32, random_weight};
 
@@ -150,7 +165,9 @@ mod tests {
         for dtype in DType::ALL {
             for (i, &(n, k)) in [(37, 96), (1, 32), (201, 544)].iter().enumerate() {
                 for m in [1, 3] {
-                    check(gpu(), dtype, m, n, k, 10 * i as u64 + m as u64);
+                    for gpu in gpus() {
+                        check(gpu, dtype, m, n, k, 10 * i as u64 + m as u64);
+                    }
                 }
             }
         }
@@ -159,9 +176,11 @@ mod tests {
     #[test]
     fn float_rows_of_any_length_match_cpu_reference() {
         for dtype in [DType::F32, DType::F16] {
-            for (n, k) in [(5, 7), (33, 61), (3, 1)] {
-                check(gpu(), dtype, 1, n, k, 7);
-                check(gpu(), dtype, 9, n, k, 8);
+            for (n, k) in [(5, 7), (33, 61), (3, 1), (9, 12)] {
+                for gpu in gpus() {
+                    check(gpu, dtype, 1, n, k, 7);
+                    check(gpu, dtype, 9, n, k, 8);
+                }
             }
         }
     }
@@ -169,8 +188,10 @@ mod tests {
     #[test]
     fn matmul_matches_cpu_reference_for_every_type_on_odd_shapes() {
         for dtype in DType::ALL {
-            for (m, n, k) in [(5, 37, 96), (33, 65, 160), (70, 3, 32)] {
-                check(gpu(), dtype, m, n, k, (m * n) as u64);
+            for (m, n, k) in [(5, 37, 96), (33, 65, 160), (70, 3, 32), (17, 130, 64)] {
+                for gpu in gpus() {
+                    check(gpu, dtype, m, n, k, (m * n) as u64);
+                }
             }
         }
     }

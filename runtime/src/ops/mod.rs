@@ -50,21 +50,34 @@ pub(crate) fn pow2_floor(n: u32) -> u32 {
 pub(crate) mod test_util {
     use std::sync::OnceLock;
 
-    use crate::gpu::{Gpu, GpuOptions};
+    use crate::gpu::{Gpu, GpuOptions, KernelLayout};
 
     /// The device every kernel test runs on; tests fail (not skip) when there is none.
     pub fn gpu() -> &'static Gpu {
         static GPU: OnceLock<Gpu> = OnceLock::new();
-        GPU.get_or_init(|| {
-            let options = GpuOptions {
-                selector: std::env::var("TESSERA_DEVICE")
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or_default(),
-                ..Default::default()
-            };
-            Gpu::new(&options).expect("kernel tests need a GPU adapter (lavapipe will do)")
-        })
+        GPU.get_or_init(|| open(None))
+    }
+
+    /// The device opened once per kernel layout, so both layouts are tested on any device.
+    pub fn gpus() -> [&'static Gpu; 2] {
+        static COOPERATIVE: OnceLock<Gpu> = OnceLock::new();
+        static ROWS: OnceLock<Gpu> = OnceLock::new();
+        [
+            COOPERATIVE.get_or_init(|| open(Some(KernelLayout::Cooperative))),
+            ROWS.get_or_init(|| open(Some(KernelLayout::LanePerRow))),
+        ]
+    }
+
+    pub fn open(layout: Option<KernelLayout>) -> Gpu {
+        let options = GpuOptions {
+            selector: std::env::var("TESSERA_DEVICE")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_default(),
+            layout,
+            ..Default::default()
+        };
+        Gpu::new(&options).expect("kernel tests need a GPU adapter (lavapipe will do)")
     }
 
     /// Largest absolute difference, scaled by the larger of 1 and the reference's magnitude.

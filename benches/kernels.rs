@@ -1,0 +1,94 @@
+//! Kernel throughput on the default device: mat-vec and matmul for each weight type, attention
+//! at several context lengths, RMSNorm. Shapes are SmolLM2-135M's. Each iteration is one
+//! submit and wait, so small kernels include the submit overhead.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use tessera::runtime::ops::{self, AttentionParams, LinearOut};
+use tessera::runtime::testing::{random_f32, random_weight};
+use tessera::runtime::{DType, Gpu, GpuOptions, Recorder};
+
+fn gpu() -> Gpu {
+    Gpu::new(&GpuOptions::default()).expect("a GPU adapter")
+}
+
+fn linear(c: &mut Criterion) {
+    let gpu = gpu();
+    let (n, k) = (1536, 576);
+    let mut group = c.benchmark_group("linear");
+    group.sample_size(10);
+    for dtype in DType::ALL {
+        let bytes = random_weight(dtype, n, k, 1);
+        let w = gpu.upload_weight("w", dtype, n, k, &bytes).unwrap();
+        for m in [1, 512] {
+            let x = gpu.tensor_from(&[m, k], &random_f32(m * k, 2)).unwrap();
+            let y = gpu.tensor(&[m, n]).unwrap();
+            if m == 1 {
+                group.throughput(Throughput::Bytes(bytes.len() as u64));
+            } else {
+                group.throughput(Throughput::Elements((2 * m * n * k) as u64));
+            }
+            group.bench_function(format!("{}_m{m}", dtype.name()), |b| {
+                b.iter(|| {
+                    let mut rec = Recorder::new(&gpu);
+                    ops::linear(&mut rec, &w, &x, m, &y, LinearOut::dense(n)).unwrap();
+                    rec.submit().unwrap();
+                    gpu.wait().unwrap();
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+fn attention(c: &mut Criterion) {
+    let gpu = gpu();
+    let mut group = c.benchmark_group("attention");
+    group.sample_size(10);
+    for (tokens, kv_len) in [(1, 512), (1, 4096), (512, 512)] {
+        let p = AttentionParams {
+            n_head: 9,
+            n_kv_head: 3,
+            head_dim: 64,
+            pos0: kv_len - tokens,
+            tokens,
+            kv_len,
+            causal: true,
+            scale: 0.125,
+        };
+        let q = gpu.tensor_from(&[tokens * 576], &random_f32(tokens * 576, 1)).unwrap();
+        let kv = gpu.tensor_from(&[kv_len * 192], &random_f32(kv_len * 192, 2)).unwrap();
+        let out = gpu.tensor(&[tokens * 576]).unwrap();
+        group.bench_function(format!("q{tokens}_kv{kv_len}"), |b| {
+            b.iter(|| {
+                let mut rec = Recorder::new(&gpu);
+                ops::attention(&mut rec, &q, &kv, &kv, &out, &p).unwrap();
+                rec.submit().unwrap();
+                gpu.wait().unwrap();
+            })
+        });
+    }
+    group.finish();
+}
+
+fn rmsnorm(c: &mut Criterion) {
+    let gpu = gpu();
+    let mut group = c.benchmark_group("rmsnorm");
+    for rows in [1, 512] {
+        let x = gpu.tensor_from(&[rows * 576], &random_f32(rows * 576, 1)).unwrap();
+        let w = gpu.tensor_from(&[576], &random_f32(576, 2)).unwrap();
+        let y = gpu.tensor(&[rows * 576]).unwrap();
+        group.throughput(Throughput::Bytes((rows * 576 * 8) as u64));
+        group.bench_function(format!("rows{rows}"), |b| {
+            b.iter(|| {
+                let mut rec = Recorder::new(&gpu);
+                ops::rmsnorm(&mut rec, &x, &w, &y, rows, 576, 1e-5).unwrap();
+                rec.submit().unwrap();
+                gpu.wait().unwrap();
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, linear, attention, rmsnorm);
+criterion_main!(benches);
