@@ -24,4 +24,4 @@ cargo build --release --bin tessera
 TESSERA_MODEL="${TESSERA_MODEL:-$(./target/release/tessera fetch)}"
 export TESSERA_MODEL
 
-cargo test --release --workspace "$@"
+cargo test --release --workspace --no-fail-fast "$@"
