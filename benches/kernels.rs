@@ -55,8 +55,12 @@ fn attention(c: &mut Criterion) {
             causal: true,
             scale: 0.125,
         };
-        let q = gpu.tensor_from(&[tokens * 576], &random_f32(tokens * 576, 1)).unwrap();
-        let kv = gpu.tensor_from(&[kv_len * 192], &random_f32(kv_len * 192, 2)).unwrap();
+        let q = gpu
+            .tensor_from(&[tokens * 576], &random_f32(tokens * 576, 1))
+            .unwrap();
+        let kv = gpu
+            .tensor_from(&[kv_len * 192], &random_f32(kv_len * 192, 2))
+            .unwrap();
         let out = gpu.tensor(&[tokens * 576]).unwrap();
         group.bench_function(format!("q{tokens}_kv{kv_len}"), |b| {
             b.iter(|| {
@@ -74,7 +78,9 @@ fn rmsnorm(c: &mut Criterion) {
     let gpu = gpu();
     let mut group = c.benchmark_group("rmsnorm");
     for rows in [1, 512] {
-        let x = gpu.tensor_from(&[rows * 576], &random_f32(rows * 576, 1)).unwrap();
+        let x = gpu
+            .tensor_from(&[rows * 576], &random_f32(rows * 576, 1))
+            .unwrap();
         let w = gpu.tensor_from(&[576], &random_f32(576, 2)).unwrap();
         let y = gpu.tensor(&[rows * 576]).unwrap();
         group.throughput(Throughput::Bytes((rows * 576 * 8) as u64));

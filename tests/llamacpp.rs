@@ -11,11 +11,18 @@ use tessera::models::llm::perplexity::perplexity;
 use tessera::models::llm::{Logits, Session};
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("an id list").iter().map(|x| x.as_u64().expect("an id") as u32).collect()
+    v.as_array()
+        .expect("an id list")
+        .iter()
+        .map(|x| x.as_u64().expect("an id") as u32)
+        .collect()
 }
 
 fn head_text() -> String {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/tinyshakespeare-head.txt");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/tinyshakespeare-head.txt"
+    );
     std::fs::read_to_string(path).expect("tinyshakespeare head")
 }
 
@@ -37,7 +44,12 @@ fn tokenization_of_awkward_strings_matches_llama_cpp() {
             ));
         }
     }
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -55,7 +67,12 @@ fn logits_over_64_tokens_match_llama_cpp() {
     for (j, pos) in positions.iter().enumerate() {
         let row = &logits[j * n_vocab..(j + 1) * n_vocab];
         let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-        let our_lse = max + row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+        let our_lse = max
+            + row
+                .iter()
+                .map(|&l| (l as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
         let lse = pos["lse"].as_f64().expect("lse");
         let top: Vec<(usize, f64)> = pos["top"]
             .as_array()
@@ -67,7 +84,12 @@ fn logits_over_64_tokens_match_llama_cpp() {
         // Top-1 must agree wherever llama.cpp's choice is not a near-tie.
         let ours = tessera::runtime::ops::argmax::argmax_ref(row) as usize;
         if top[0].1 - top[1].1 > 0.1 {
-            assert_eq!(ours, top[0].0, "top-1 differs at position {j}: {:?}", &top[..2]);
+            assert_eq!(
+                ours,
+                top[0].0,
+                "top-1 differs at position {j}: {:?}",
+                &top[..2]
+            );
         }
         // KL(llama.cpp || ours) over llama.cpp's top 20.
         kl_sum += top
@@ -87,11 +109,16 @@ fn logits_over_64_tokens_match_llama_cpp() {
 fn greedy_completions_follow_llama_cpp() {
     let loaded = common::model();
     let fixture = common::fixture("greedy.json");
+    let mut failures = Vec::new();
     for prompt in fixture["prompts"].as_array().expect("prompts") {
         let name = prompt["name"].as_str().unwrap_or("?");
         let prompt_ids = ids(&prompt["prompt_ids"]);
         if let Some(text) = prompt["prompt"].as_str() {
-            assert_eq!(loaded.tokenizer.encode(text, true, true), prompt_ids, "{name}: prompt ids");
+            assert_eq!(
+                loaded.tokenizer.encode(text, true, true),
+                prompt_ids,
+                "{name}: prompt ids"
+            );
         }
         let want = ids(&prompt["generated_ids"]);
         let top2 = prompt["top2"].as_array().expect("top2");
@@ -101,19 +128,37 @@ fn greedy_completions_follow_llama_cpp() {
             got.push(session.eval_greedy(&[*got.last().unwrap()]).unwrap());
         }
         let agree = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
-        eprintln!("{name}: agrees with llama.cpp for {agree} of {} tokens", want.len());
-        if agree < 16 {
-            // Parting earlier is allowed only at a near-tie of llama.cpp's own logits.
-            let gap = top2[agree][0][1].as_f64().unwrap() - top2[agree][1][1].as_f64().unwrap();
-            assert!(
-                gap <= 0.1,
-                "{name}: parted from llama.cpp at token {agree} (ours {}, theirs {}) where its top \
-                 two logits are {gap} apart",
-                got[agree],
-                want[agree]
-            );
+        eprintln!(
+            "{name}: agrees with llama.cpp for {agree} of {} tokens",
+            want.len()
+        );
+        if agree >= 16 {
+            continue;
+        }
+        // Parting earlier is allowed at a near-tie of llama.cpp's own logits, or where the exact
+        // (f64) forward pass picks Tessera's token: then llama.cpp's 8-bit activations moved it.
+        let gap = top2[agree][0][1].as_f64().unwrap() - top2[agree][1][1].as_f64().unwrap();
+        if gap <= 0.1 {
+            continue;
+        }
+        let mut context = prompt_ids.clone();
+        context.extend_from_slice(&got[..agree]);
+        let exact = common::reference::logits(&loaded.file, &loaded.model.config, &context);
+        let last = exact.last().expect("logits");
+        let (ours, theirs) = (got[agree] as usize, want[agree] as usize);
+        eprintln!(
+            "{name}: parted at token {agree} (llama.cpp's top two {gap:.3} apart); exact logits: \
+             ours {ours} {:.4}, llama.cpp's {theirs} {:.4}",
+            last[ours], last[theirs]
+        );
+        if last[ours] <= last[theirs] {
+            failures.push(format!(
+                "{name}: parted from llama.cpp at token {agree} (ours {ours}, theirs {theirs}), \
+                 where its top two logits are {gap} apart and the exact logits favour its choice"
+            ));
         }
     }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[test]
@@ -130,11 +175,23 @@ fn perplexity_of_4096_tokens_is_within_half_a_percent_of_llama_cpp() {
         .expect("a 4096-token run");
     let n_ctx = fixture["meta"]["n_ctx"].as_u64().unwrap() as usize;
     let mut session = Session::new(&loaded.model, n_ctx).unwrap();
-    let bos = if loaded.tokenizer.add_bos() { loaded.tokenizer.bos_id() } else { None };
+    let bos = if loaded.tokenizer.add_bos() {
+        loaded.tokenizer.bos_id()
+    } else {
+        None
+    };
     let report = perplexity(&mut session, &tokens[..4096], n_ctx, bos, &mut |_, _, _| {}).unwrap();
     let want = run["ppl"].as_f64().unwrap();
     assert_eq!(report.scored as u64, run["n_scored"].as_u64().unwrap());
     let rel = (report.perplexity - want).abs() / want;
-    eprintln!("perplexity {:.4} vs llama.cpp {want:.4} ({:.3}%)", report.perplexity, rel * 100.0);
-    assert!(rel < 0.005, "perplexity {} vs llama.cpp {want}", report.perplexity);
+    eprintln!(
+        "perplexity {:.4} vs llama.cpp {want:.4} ({:.3}%)",
+        report.perplexity,
+        rel * 100.0
+    );
+    assert!(
+        rel < 0.005,
+        "perplexity {} vs llama.cpp {want}",
+        report.perplexity
+    );
 }

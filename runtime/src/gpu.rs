@@ -97,7 +97,9 @@ impl FromStr for KernelLayout {
         match s {
             "cooperative" => Ok(KernelLayout::Cooperative),
             "rows" | "lane-per-row" => Ok(KernelLayout::LanePerRow),
-            _ => Err(format!("unknown kernel layout `{s}` (use `cooperative` or `rows`)")),
+            _ => Err(format!(
+                "unknown kernel layout `{s}` (use `cooperative` or `rows`)"
+            )),
         }
     }
 }
@@ -277,11 +279,16 @@ impl Gpu {
         let max_binding = options
             .max_binding_override
             .map_or(adapter_max, |o| o.min(adapter_max));
-        let env_layout = std::env::var("TESSERA_KERNELS").ok().and_then(|s| s.parse().ok());
-        let layout = options.layout.or(env_layout).unwrap_or(match info.device_type {
-            wgpu::DeviceType::Cpu => KernelLayout::LanePerRow,
-            _ => KernelLayout::Cooperative,
-        });
+        let env_layout = std::env::var("TESSERA_KERNELS")
+            .ok()
+            .and_then(|s| s.parse().ok());
+        let layout = options
+            .layout
+            .or(env_layout)
+            .unwrap_or(match info.device_type {
+                wgpu::DeviceType::Cpu => KernelLayout::LanePerRow,
+                _ => KernelLayout::Cooperative,
+            });
         log::info!(
             "device: {} ({:?}, {:?}), driver {} {}, storage binding limit {} MiB",
             info.name,

@@ -9,11 +9,17 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("embedding", include_str!("../../shaders/embedding.wgsl")),
     ("matvec", include_str!("../../shaders/matvec.wgsl")),
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
-    ("linear_rows", include_str!("../../shaders/linear_rows.wgsl")),
+    (
+        "linear_rows",
+        include_str!("../../shaders/linear_rows.wgsl"),
+    ),
     ("rmsnorm", include_str!("../../shaders/rmsnorm.wgsl")),
     ("rope", include_str!("../../shaders/rope.wgsl")),
     ("attention", include_str!("../../shaders/attention.wgsl")),
-    ("attention_rows", include_str!("../../shaders/attention_rows.wgsl")),
+    (
+        "attention_rows",
+        include_str!("../../shaders/attention_rows.wgsl"),
+    ),
     (
         "elementwise",
         include_str!("../../shaders/elementwise.wgsl"),

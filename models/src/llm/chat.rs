@@ -393,7 +393,9 @@ mod tests {
                 .expect("this test needs the default model: run tools/test.sh"),
         };
         let file = tessera_runtime::io::gguf::GgufFile::open(&path).expect("model opens");
-        let source = file.get_str("tokenizer.chat_template").expect("chat_template present");
+        let source = file
+            .get_str("tokenizer.chat_template")
+            .expect("chat_template present");
         assert_eq!(source, SMOLLM2_CHATML);
         let t = ChatTemplate::new(source, "<|im_start|>", "<|im_end|>").expect("compiles");
         let msgs = [ChatMessage::new("user", "What is 2+2?")];

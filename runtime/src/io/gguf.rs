@@ -1648,10 +1648,14 @@ pub(crate) mod tests {
     /// The real model: `$TESSERA_MODEL` (which `tools/test.sh` sets after fetching it). Its
     /// absence fails the test rather than skipping it.
     pub(crate) fn model_path() -> Option<PathBuf> {
-        let path = std::env::var_os("TESSERA_MODEL").map(PathBuf::from).expect(
-            "set TESSERA_MODEL to SmolLM2-135M-Instruct.Q4_1.gguf, or run tools/test.sh",
+        let path = std::env::var_os("TESSERA_MODEL")
+            .map(PathBuf::from)
+            .expect("set TESSERA_MODEL to SmolLM2-135M-Instruct.Q4_1.gguf, or run tools/test.sh");
+        assert!(
+            path.is_file(),
+            "TESSERA_MODEL={} is not a file",
+            path.display()
         );
-        assert!(path.is_file(), "TESSERA_MODEL={} is not a file", path.display());
         Some(path)
     }
 

@@ -34,7 +34,10 @@ pub fn attention(
     p: &AttentionParams,
 ) -> Result<()> {
     if p.head_dim == 0 || !p.head_dim.is_multiple_of(4) {
-        return Err(RuntimeError::Shape(format!("head size {} is not a multiple of 4", p.head_dim)));
+        return Err(RuntimeError::Shape(format!(
+            "head size {} is not a multiple of 4",
+            p.head_dim
+        )));
     }
     if p.n_kv_head == 0 || !p.n_head.is_multiple_of(p.n_kv_head) {
         return Err(RuntimeError::Shape(format!(

@@ -88,8 +88,11 @@ pub fn linear(
             };
             params.push(m as u32);
             let key = defines("linear_rows").define("TM", tm);
-            let groups =
-                split_groups(rec.gpu(), (part.rows as u32).div_ceil(64), (m as u32).div_ceil(tm));
+            let groups = split_groups(
+                rec.gpu(),
+                (part.rows as u32).div_ceil(64),
+                (m as u32).div_ceil(tm),
+            );
             rec.dispatch(&key, &params, &buffers, groups)?;
         } else if m <= MATVEC_MAX_ROWS {
             let key = defines("matvec")
