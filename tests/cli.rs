@@ -172,3 +172,98 @@ fn greedy_generation_streams_only_the_completion_to_stdout() {
     assert!(!text.contains("capital"), "the prompt was echoed: {text:?}");
     assert!(stderr(&out).contains("tokens/s"));
 }
+
+fn model_arg() -> String {
+    common::model_path()
+        .to_str()
+        .expect("a UTF-8 path")
+        .to_string()
+}
+
+#[test]
+fn the_same_seed_gives_the_same_text() {
+    let model = model_arg();
+    let run = |seed: &str| {
+        let out = tessera(&[
+            "generate",
+            "-m",
+            &model,
+            "-p",
+            "Once upon a time",
+            "-n",
+            "12",
+            "--temp",
+            "1.0",
+            "--seed",
+            seed,
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (a, b) = (run("7"), run("7"));
+    assert_eq!(a, b, "seed 7 twice gave different text");
+    assert!(!a.trim().is_empty());
+}
+
+#[test]
+fn chat_wraps_the_prompt_in_the_template_and_prints_only_the_answer() {
+    let out = tessera(&[
+        "generate",
+        "-m",
+        &model_arg(),
+        "--chat",
+        "-p",
+        "What is 2+2?",
+        "-n",
+        "12",
+        "--temp",
+        "0",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("<|im_start|>") && !text.contains("What is 2+2"),
+        "{text:?}"
+    );
+    assert!(text.contains('4'), "{text:?}");
+}
+
+#[test]
+fn perplexity_json_reports_windows_and_the_final_estimate() {
+    let text = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/tinyshakespeare-head.txt"
+    );
+    let out = tessera(&[
+        "perplexity",
+        "-m",
+        &model_arg(),
+        "-f",
+        text,
+        "-c",
+        "64",
+        "--max-tokens",
+        "128",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(v["chunks"], 2);
+    assert_eq!(v["scored"], 2 * 31);
+    let ppl = v["perplexity"].as_f64().unwrap();
+    assert!(ppl > 1.0 && ppl < 1000.0, "{ppl}");
+}
+
+#[test]
+fn tokenize_shows_each_piece_with_special_tokens_parsed() {
+    let out = tessera(&["tokenize", "-m", &model_arg(), "-p", "<|im_start|>user"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .next()
+            .unwrap_or("")
+            .contains("1 -> '<|im_start|>'"),
+        "{text}"
+    );
+}
