@@ -74,21 +74,9 @@ pub fn attention(
     let key = PipelineKey::new("attention", "main")
         .define("WG", wg)
         .define("HD", p.head_dim as u32);
-    let params = [
-        p.n_head as u32,
-        p.n_kv_head as u32,
-        p.pos0 as u32,
-        p.causal as u32,
-        p.kv_len as u32,
-        p.scale.to_bits(),
-    ];
+    // The cooperative kernel's parameters are the first six (it has no use for `tokens`).
     let groups = [p.n_head as u32, p.tokens as u32, 1];
-    rec.dispatch(
-        &key,
-        &params,
-        &[q.buffer(), k.buffer(), v.buffer(), out.buffer()],
-        groups,
-    )
+    rec.dispatch(&key, &params[..6], &buffers, groups)
 }
 
 /// CPU reference in f64.
