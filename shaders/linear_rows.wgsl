@@ -3,7 +3,8 @@
 //
 // Work split: invocation n of the dispatch owns row n of W (one row of the part) and computes it
 // against TM consecutive rows of X (workgroup z picks which TM). Loads of X are the same for
-// every lane, so the device broadcasts them; each weight word is read once per TM rows. There is
+// every lane, so the device can broadcast them; each weight block is loaded once, with as few
+// words as its layout allows, and used for TM rows. There is
 // no workgroup memory and no barrier. X is read as vec4: k and x_offset are multiples of 4.
 
 struct Params {
@@ -45,7 +46,23 @@ fn main(
     for (var r = 0u; r < TM; r++) {
         acc[r] = 0.0;
     }
-    for (var g = 0u; g < groups; g++) {
+    // Whole blocks of 32 through `dequant_block`, then any groups of four left (F32 and F16
+    // rows need not be whole blocks).
+    let blocks = p.k / 32u;
+    for (var b = 0u; b < blocks; b++) {
+        let w = dequant_block(row + b * BLOCK_BYTES);
+        for (var r = 0u; r < TM; r++) {
+            if (r < rows) {
+                let xr = xb + r * xs + 8u * b;
+                var s = vec4<f32>(0.0);
+                for (var j = 0u; j < 8u; j++) {
+                    s += w[j] * x[xr + j];
+                }
+                acc[r] += s.x + s.y + s.z + s.w;
+            }
+        }
+    }
+    for (var g = 8u * blocks; g < groups; g++) {
         let w = dequant4(row, g);
         for (var r = 0u; r < TM; r++) {
             if (r < rows) {

@@ -73,3 +73,52 @@ fn dequant4(row: u32, g: u32) -> vec4<f32> {
     let q = read_u32_at(block + 4u + 4u * (j & 3u)) >> ((j >> 2u) * 4u);
     return dm.x * u4x4(q) + dm.y;
 }
+
+// The 32 elements of the block of a quantised type that starts at byte `block`, as 8 vec4s
+// (elements 4j .. 4j+3 in slot j), with as few word loads as the layout allows: a Q4_1 block is
+// 5 words; Q4_0 and Q8_0 blocks, which may start at a 2-byte offset, are read as 5 and 9 whole
+// words and shifted. Invocations that each own a row pay one load per word, so this matters
+// more than arithmetic on devices that run invocations as SIMD lanes.
+fn dequant_block(block: u32) -> array<vec4<f32>, 8> {
+    var out: array<vec4<f32>, 8>;
+    let base = block >> 2u;
+    let odd = (block & 2u) != 0u;
+    if (WTYPE == 3u) {
+        let dm = unpack2x16float(weights[base]);
+        for (var j = 0u; j < 4u; j++) {
+            let q = weights[base + 1u + j];
+            out[j] = dm.x * u4x4(q) + dm.y;
+            out[j + 4u] = dm.x * u4x4(q >> 4u) + dm.y;
+        }
+        return out;
+    }
+    if (WTYPE == 2u) {
+        let w0 = weights[base];
+        let d = unpack2x16float(select(w0, w0 >> 16u, odd)).x;
+        var lo = w0;
+        for (var j = 0u; j < 4u; j++) {
+            let hi = weights[base + 1u + j];
+            let q = select((lo >> 16u) | (hi << 16u), hi, odd);
+            out[j] = d * (u4x4(q) - 8.0);
+            out[j + 4u] = d * (u4x4(q >> 4u) - 8.0);
+            lo = hi;
+        }
+        return out;
+    }
+    if (WTYPE == 8u) {
+        let w0 = weights[base];
+        let d = unpack2x16float(select(w0, w0 >> 16u, odd)).x;
+        var lo = w0;
+        for (var j = 0u; j < 8u; j++) {
+            let hi = weights[base + 1u + j];
+            out[j] = d * i8x4(select((lo >> 16u) | (hi << 16u), hi, odd));
+            lo = hi;
+        }
+        return out;
+    }
+    // F32 and F16 (blocks of 32 elements): through the general path.
+    for (var j = 0u; j < 8u; j++) {
+        out[j] = dequant4(block, j);
+    }
+    return out;
+}
