@@ -129,13 +129,19 @@ pub struct Gpu {
     pub(crate) device_error: Arc<Mutex<Option<String>>>,
 }
 
-fn instance() -> wgpu::Instance {
-    // WGPU_BACKEND (e.g. `vulkan`, `gl`) narrows the backends searched.
-    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+/// Adapters of `backends`, narrowed further by `WGPU_BACKEND` (e.g. `vulkan`, `gl`).
+fn adapters_of(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends &= backends;
+    if desc.backends.is_empty() {
+        return Vec::new();
+    }
+    let instance = wgpu::Instance::new(desc);
+    pollster::block_on(instance.enumerate_adapters(backends))
 }
 
 fn adapters() -> Vec<wgpu::Adapter> {
-    pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()))
+    adapters_of(wgpu::Backends::all())
 }
 
 fn report(index: usize, adapter: &wgpu::Adapter) -> AdapterReport {
@@ -203,6 +209,14 @@ fn describe(reports: &[AdapterReport]) -> String {
 }
 
 fn choose(selector: &DeviceSelector) -> Result<wgpu::Adapter> {
+    // The default choice ranks OpenGL last, so it is only opened (EGL setup, and its complaints
+    // on a headless machine) when no native backend has an adapter.
+    if *selector == DeviceSelector::Auto {
+        let native = adapters_of(wgpu::Backends::PRIMARY);
+        if let Some(best) = native.into_iter().min_by_key(|a| preference(&a.get_info())) {
+            return Ok(best);
+        }
+    }
     let mut all = adapters();
     if all.is_empty() {
         return Err(RuntimeError::NoAdapter);
