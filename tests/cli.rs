@@ -267,3 +267,67 @@ fn tokenize_shows_each_piece_with_special_tokens_parsed() {
         "{text}"
     );
 }
+
+#[test]
+fn a_closed_pipe_or_a_full_disk_on_stdout_is_not_a_panic() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args([
+            "tokenize",
+            "-m",
+            &model_arg(),
+            "-p",
+            &"hello world ".repeat(3000),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes away at once, as `| head -c 0` would
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["devices"])
+        .stdout(full)
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, &["writing to stdout"]);
+}
+
+#[test]
+fn inputs_that_are_not_text_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tessera(&[
+        "generate",
+        "-m",
+        &model_arg(),
+        "-f",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, &["not a regular file"]);
+    let bad = dir.path().join("latin1.txt");
+    std::fs::write(&bad, b"caf\xe9").unwrap();
+    let out = tessera(&["generate", "-m", &model_arg(), "-f", bad.to_str().unwrap()]);
+    assert_clean_failure(&out, &["not UTF-8", "offset 3"]);
+}
+
+#[test]
+fn meaningless_settings_name_the_flag() {
+    let model = model_arg();
+    let out = tessera(&["generate", "-m", &model, "-p", "hi", "--top-p", "2"]);
+    assert_clean_failure(&out, &["--top-p"]);
+    let out = tessera(&["generate", "-m", &model, "-p", "hi", "-n", "-5"]);
+    assert_clean_failure(&out, &["-5"]);
+    let out = tessera(&["generate", "-m", &model, "-p", ""]);
+    assert_clean_failure(&out, &["prompt is empty", "-p"]);
+    let text = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/tinyshakespeare-head.txt"
+    );
+    let out = tessera(&["perplexity", "-m", &model, "-f", text, "-c", "2"]);
+    assert_clean_failure(&out, &["--ctx-size 4"]);
+}

@@ -8,9 +8,8 @@ use crate::io::gguf::GgufError;
 pub enum RuntimeError {
     /// wgpu found no adapter at all.
     #[error(
-        "no GPU adapter found: wgpu saw no Vulkan, Metal, DX12 or OpenGL device. Install a \
-         driver (on Debian/Ubuntu without a GPU: `apt-get install mesa-vulkan-drivers \
-         libvulkan1` gives the lavapipe CPU device), then check with `tessera devices`"
+        "no GPU adapter found: wgpu saw no Vulkan, Metal, DX12 or OpenGL device. {}",
+        no_adapter_hint()
     )]
     NoAdapter,
 
@@ -36,7 +35,7 @@ pub enum RuntimeError {
     /// A buffer is larger than the device allows.
     #[error(
         "{what} needs {bytes} bytes in one buffer, more than this device's limit of {limit} \
-         bytes; try a smaller --ctx-size or batch"
+         bytes; try a smaller --ctx-size"
     )]
     BufferTooLarge {
         what: String,
@@ -66,6 +65,25 @@ pub enum RuntimeError {
     /// A model file could not be read.
     #[error(transparent)]
     Gguf(#[from] GgufError),
+}
+
+/// The way out when no adapter is found: the environment may be narrowing the search;
+/// otherwise a driver is missing.
+fn no_adapter_hint() -> String {
+    let install = "Install a driver (on Debian/Ubuntu without a GPU: `apt-get install \
+                   mesa-vulkan-drivers libvulkan1` gives the lavapipe CPU device), then check \
+                   with `tessera devices`";
+    let narrowing: Vec<String> = ["WGPU_BACKEND", "VK_ICD_FILENAMES", "VK_DRIVER_FILES"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v:?}")))
+        .collect();
+    if narrowing.is_empty() {
+        return install.to_string();
+    }
+    format!(
+        "The environment limits the search ({}): unset it or check its value. {install}",
+        narrowing.join(", ")
+    )
 }
 
 /// Shorthand for results in this crate.

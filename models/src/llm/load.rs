@@ -16,8 +16,10 @@ pub struct LoadedModel {
     pub file: GgufFile,
     pub model: LlamaModel,
     pub tokenizer: Tokenizer,
-    /// `None` when the file has no `tokenizer.chat_template`.
+    /// `None` when the file has no `tokenizer.chat_template`, or when it does not compile (then
+    /// `chat_template_error` says why; plain generation does not need it).
     pub chat_template: Option<ChatTemplate>,
+    pub chat_template_error: Option<String>,
 }
 
 impl LoadedModel {
@@ -25,18 +27,23 @@ impl LoadedModel {
     pub fn open(path: &Path, gpu: Arc<Gpu>) -> Result<Self, LlmError> {
         let file = GgufFile::open(path)?;
         // The architecture is checked before the tokenizer so that an unknown model says so.
-        let config_error = crate::llm::LlamaConfig::from_gguf(&file).err();
-        if let Some(e) = config_error {
-            return Err(e);
-        }
+        crate::llm::LlamaConfig::from_gguf(&file)?;
         let tokenizer = tokenizer_from_gguf(&file)?;
-        let chat_template = chat_template_from_gguf(&file, &tokenizer)?;
+        let (chat_template, chat_template_error) = match chat_template_from_gguf(&file, &tokenizer)
+        {
+            Ok(template) => (template, None),
+            Err(e) => {
+                log::warn!("the model's chat template is unusable: {e}");
+                (None, Some(e.to_string()))
+            }
+        };
         let model = LlamaModel::load(gpu, &file)?;
         Ok(LoadedModel {
             file,
             model,
             tokenizer,
             chat_template,
+            chat_template_error,
         })
     }
 }

@@ -59,6 +59,23 @@ pub enum LlmError {
         n_ctx_train: usize,
     },
 
+    #[error(
+        "the prompt has {prompt} tokens, which with a generated token do not fit in the context \
+         of {n_ctx}; pass a larger --ctx-size (this model was trained with {n_ctx_train}) or a \
+         shorter prompt"
+    )]
+    PromptTooLong {
+        prompt: usize,
+        n_ctx: usize,
+        n_ctx_train: usize,
+    },
+
+    #[error("the prompt is empty: give some text with -p TEXT or -f FILE")]
+    EmptyPrompt,
+
+    #[error("{0}")]
+    BadInput(String),
+
     #[error("token id {id} is outside the vocabulary of {n_vocab}")]
     BadToken { id: u32, n_vocab: usize },
 

@@ -86,10 +86,11 @@ fn load_vector(gpu: &Gpu, file: &GgufFile, name: &str, len: usize) -> Result<Ten
         .ok_or_else(|| LlmError::MissingTensor(name.to_string()))?;
     let mut values = vec![0.0; len];
     if dtype.block_size() != 1 {
-        return Err(LlmError::UnsupportedTensorType {
-            name: name.to_string(),
-            dtype: format!("{} (a norm weight must be F32 or F16)", dtype.name()),
-        });
+        return Err(LlmError::BadInput(format!(
+            "norm weight `{name}` is {}, but norm weights must be F32 or F16; the file was made by \
+             a converter Tessera does not know",
+            dtype.name()
+        )));
     }
     dequantize_row(dtype, file.tensor_data(info), &mut values);
     Ok(gpu.tensor_from(&[len], &values)?)
@@ -107,7 +108,17 @@ impl LlamaModel {
             None => None,
         };
         let output_norm = load_vector(&gpu, file, "output_norm.weight", d)?;
-        let mut layers = Vec::with_capacity(c.n_layer);
+        // The block count is checked against the tensors before anything is allocated for it.
+        if file
+            .tensor(&format!("blk.{}.attn_norm.weight", c.n_layer))
+            .is_some()
+        {
+            return Err(LlmError::BadConfig(format!(
+                "the file holds more layers than its block_count ({}) says",
+                c.n_layer
+            )));
+        }
+        let mut layers = Vec::new();
         for i in 0..c.n_layer {
             let name = |s: &str| format!("blk.{i}.{s}.weight");
             layers.push(Layer {

@@ -34,11 +34,16 @@ pub fn perplexity(
     bos: Option<u32>,
     progress: &mut dyn FnMut(usize, usize, f64),
 ) -> Result<PerplexityReport, LlmError> {
-    let chunks = tokens.len() / n_ctx.max(1);
-    if n_ctx < 4 || chunks == 0 {
-        return Err(LlmError::BadConfig(format!(
-            "perplexity needs at least one window of {n_ctx} tokens (and n_ctx >= 4); the text \
-             has {} tokens: use a longer text or a smaller --ctx-size",
+    if n_ctx < 4 {
+        return Err(LlmError::BadInput(format!(
+            "a perplexity window of {n_ctx} tokens is too small: pass --ctx-size 4 or more"
+        )));
+    }
+    let chunks = tokens.len() / n_ctx;
+    if chunks == 0 {
+        return Err(LlmError::BadInput(format!(
+            "perplexity needs at least one window of {n_ctx} tokens, and only {} were given: use \
+             a longer text, a smaller --ctx-size, or a larger --max-tokens",
             tokens.len()
         )));
     }

@@ -70,11 +70,19 @@ const MAX_PREALLOC_ITEMS: u64 = 1 << 16;
 /// Everything that can go wrong opening or reading a GGUF file.
 #[derive(thiserror::Error, Debug)]
 pub enum GgufError {
-    #[error("cannot read GGUF file {}: {source}", path.display())]
+    /// Opening, inspecting or mapping the file failed; the message leaves the OS error to the
+    /// error's source (print the chain to see it).
+    #[error("cannot read GGUF file {}", path.display())]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("{} is not a regular file ({kind}); pass the path of a .gguf file", path.display())]
+    NotRegularFile {
+        path: PathBuf,
+        /// What it is instead: "a directory", "a FIFO (named pipe)", "a character device", ...
+        kind: &'static str,
     },
     #[error(
         "not a GGUF file: it starts with bytes {found:02x?} ({:?}) instead of \"GGUF\"",
@@ -106,15 +114,30 @@ pub enum GgufError {
     InvalidUtf8 { what: String },
     #[error("{KEY_GENERAL_ALIGNMENT} is {0}: it must be a nonzero power of two")]
     BadAlignment(u64),
+    /// `index` is set when the bad type is that of an array's elements inside item `index` of
+    /// the (nested) array under `key`.
     #[error(
-        "metadata key '{key}' has unknown value type id {id} (byte offset {offset}); {REFETCH}"
+        "metadata key {} has unknown value type id {id} (byte offset {offset}); {REFETCH}",
+        quoted_key(key, *index)
     )]
-    UnknownValueType { key: String, id: u32, offset: u64 },
+    UnknownValueType {
+        key: String,
+        index: Option<u64>,
+        id: u32,
+        offset: u64,
+    },
+    /// `index` is set when the bool is item `index` of an array.
     #[error(
-        "metadata key '{key}' holds a bool byte {value} at byte offset {offset} (must be 0 or 1); \
-         {REFETCH}"
+        "metadata key {} holds a bool byte {value} at byte offset {offset} (must be 0 or 1); \
+         {REFETCH}",
+        quoted_key(key, *index)
     )]
-    InvalidBool { key: String, value: u8, offset: u64 },
+    InvalidBool {
+        key: String,
+        index: Option<u64>,
+        value: u8,
+        offset: u64,
+    },
     #[error("tensor '{tensor}' has ggml type id {id}, {}", tensor_type_hint(*id))]
     UnknownTensorType { tensor: String, id: u32 },
     #[error("tensor '{tensor}' has {n_dims} dimensions (must be 1 to {GGML_MAX_DIMS}); {REFETCH}")]
@@ -139,13 +162,20 @@ pub enum GgufError {
     },
     #[error("a row of {n} {ggml_type} elements is more than u64::MAX bytes")]
     RowBytesOverflow { ggml_type: GgmlType, n: u64 },
+    /// The file offset of the data, `data_offset + offset`, may exceed u64: the message shows
+    /// its exact value.
     #[error(
-        "tensor '{tensor}' spans {size} bytes from byte offset {offset}, past the end of the \
-         {file_len}-byte file; {REFETCH}"
+        "tensor '{tensor}' spans {size} bytes from byte offset {} (data section at \
+         {data_offset} + tensor offset {offset}), past the end of the {file_len}-byte file; \
+         {REFETCH}",
+        u128::from(*data_offset) + u128::from(*offset)
     )]
     TensorOutOfBounds {
         tensor: String,
+        /// The tensor's offset in the data section, as the file records it.
         offset: u64,
+        /// File offset of the data section.
+        data_offset: u64,
         size: u64,
         file_len: u64,
     },
@@ -178,6 +208,14 @@ pub enum GgufError {
         value: String,
         expected: &'static str,
     },
+}
+
+/// `'key'`, or `'key'[index]` for an item of the array under `key`.
+fn quoted_key(key: &str, index: Option<u64>) -> String {
+    match index {
+        Some(i) => format!("'{key}'[{i}]"),
+        None => format!("'{key}'"),
+    }
 }
 
 fn version_hint(version: u32) -> &'static str {
@@ -661,20 +699,48 @@ impl GgufFile {
     ///
     /// The mapping assumes nobody truncates or rewrites the file while it is open (as every
     /// mmap-based model loader does); tensor slices would otherwise change under the reader.
+    ///
+    /// Anything but a regular file (a directory, a device, a FIFO, a `/proc` file) is
+    /// `NotRegularFile`, found from its metadata before it is opened, so a FIFO without a
+    /// writer does not block.
     pub fn open(path: &Path) -> Result<Self, GgufError> {
         let io_err = |source| GgufError::Io {
             path: path.to_path_buf(),
             source,
         };
-        let file = std::fs::File::open(path).map_err(io_err)?;
-        let len = file.metadata().map_err(io_err)?.len();
-        let backing = if len == 0 {
+        let not_regular = |kind| GgufError::NotRegularFile {
+            path: path.to_path_buf(),
+            kind,
+        };
+        let meta = std::fs::metadata(path).map_err(io_err)?;
+        if !meta.is_file() {
+            return Err(not_regular(file_kind(&meta.file_type())));
+        }
+        let mut file = std::fs::File::open(path).map_err(io_err)?;
+        let meta = file.metadata().map_err(io_err)?;
+        if !meta.is_file() {
+            // Replaced between the two looks.
+            return Err(not_regular(file_kind(&meta.file_type())));
+        }
+        let backing = if meta.len() == 0 {
+            // A file of a pseudo file system (/proc, /sys) reports size 0 yet has content.
+            let mut first = [0u8; 1];
+            if read_some(&mut file, &mut first).map_err(io_err)? > 0 {
+                return Err(not_regular(PSEUDO_FILE));
+            }
             // Some platforms refuse to map an empty file; an empty buffer parses the same.
             Backing::Owned(Vec::new())
         } else {
             // SAFETY: the map is read-only and private to this value; see the doc comment for
             // the (usual) assumption that the file is not modified while mapped.
-            Backing::Mmap(unsafe { memmap2::Mmap::map(&file) }.map_err(io_err)?)
+            match unsafe { memmap2::Mmap::map(&file) } {
+                Ok(map) => Backing::Mmap(map),
+                // ENODEV: the file system cannot map files (sysfs attributes, for one).
+                Err(e) if e.raw_os_error() == Some(19) && cfg!(unix) => {
+                    return Err(not_regular(PSEUDO_FILE))
+                }
+                Err(e) => return Err(io_err(e)),
+            }
         };
         Self::parse(backing)
     }
@@ -918,6 +984,44 @@ impl GgufFile {
     }
 }
 
+const PSEUDO_FILE: &str =
+    "a file of a pseudo file system such as /proc or /sys, which cannot be mapped";
+
+/// What a file that is not a regular file is, for `NotRegularFile`.
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    if t.is_dir() {
+        return "a directory";
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO (named pipe)";
+        }
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    "a special file"
+}
+
+/// `read` retried on `Interrupted`.
+fn read_some(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
+    loop {
+        match file.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
 fn is_integer(t: ValueType) -> bool {
     use ValueType::*;
     matches!(t, U8 | I8 | U16 | I16 | U32 | I32 | U64 | I64)
@@ -991,10 +1095,7 @@ struct Loc<'k> {
 
 impl fmt::Display for Loc<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.index {
-            Some(i) => write!(f, "'{}'[{i}]", self.key),
-            None => write!(f, "'{}'", self.key),
-        }
+        f.write_str(&quoted_key(self.key, self.index))
     }
 }
 
@@ -1173,6 +1274,7 @@ impl<'a> Parser<'a> {
             let id = self.u32(&|| format!("value type of metadata key '{key}'"))?;
             let ty = ValueType::from_id(id).ok_or_else(|| GgufError::UnknownValueType {
                 key: key.clone(),
+                index: None,
                 id,
                 offset: type_offset,
             })?;
@@ -1210,8 +1312,12 @@ impl<'a> Parser<'a> {
                     0 => MetaValue::Bool(false),
                     1 => MetaValue::Bool(true),
                     value => {
-                        let key = loc.to_string();
-                        return Err(GgufError::InvalidBool { key, value, offset });
+                        return Err(GgufError::InvalidBool {
+                            key: loc.key.to_string(),
+                            index: loc.index,
+                            value,
+                            offset,
+                        });
                     }
                 }
             }
@@ -1228,7 +1334,8 @@ impl<'a> Parser<'a> {
                 let id = self.u32(&|| format!("element type of array {loc}"))?;
                 let elem_type =
                     ValueType::from_id(id).ok_or_else(|| GgufError::UnknownValueType {
-                        key: loc.to_string(),
+                        key: loc.key.to_string(),
+                        index: loc.index,
                         id,
                         offset: type_offset,
                     })?;
@@ -1335,7 +1442,8 @@ fn check_tensor(
     let (Some(start), Some(end)) = (start, end) else {
         return Err(GgufError::TensorOutOfBounds {
             tensor: r.name,
-            offset: data_offset.saturating_add(r.offset),
+            offset: r.offset,
+            data_offset,
             size,
             file_len,
         });
@@ -1343,7 +1451,8 @@ fn check_tensor(
     if end > file_len {
         return Err(GgufError::TensorOutOfBounds {
             tensor: r.name,
-            offset: start,
+            offset: r.offset,
+            data_offset,
             size,
             file_len,
         });
@@ -1805,14 +1914,39 @@ pub(crate) mod tests {
 
     #[test]
     fn tensor_data_past_end_of_file_is_tensor_out_of_bounds() {
-        // Offset far past the end, and an offset whose end overflows u64.
+        // Offset far past the end, and an offset whose end overflows u64: the message gives
+        // the real file offset, not one clamped to u64::MAX.
         for offset in [1 << 20, u64::MAX - 31] {
-            let b = Builder::new(3).tensor_raw(b"w", &[8], 0, 32, Some(offset));
-            let err = parse(&b.build().bytes).unwrap_err();
-            assert!(
-                matches!(err, GgufError::TensorOutOfBounds { ref tensor, .. } if tensor == "w"),
-                "{err}"
+            let built = Builder::new(3)
+                .tensor_raw(b"w", &[8], 0, 32, Some(offset))
+                .build();
+            let err = parse(&built.bytes).unwrap_err();
+            let data_offset = built.data_start as u64;
+            let GgufError::TensorOutOfBounds {
+                ref tensor,
+                offset: o,
+                data_offset: d,
+                size,
+                ..
+            } = err
+            else {
+                panic!("{err}");
+            };
+            assert_eq!(
+                (tensor.as_str(), o, d, size),
+                ("w", offset, data_offset, 32)
             );
+            let msg = err.to_string();
+            let real = u128::from(data_offset) + u128::from(offset);
+            assert!(
+                msg.contains(&format!("spans 32 bytes from byte offset {real} ")),
+                "{msg}"
+            );
+            assert!(
+                msg.contains(&format!("{data_offset} + tensor offset {offset}")),
+                "{msg}"
+            );
+            assert!(!msg.contains(&u64::MAX.to_string()), "{msg}");
         }
         // Data 4 bytes short: dims say 9 f32 (36 bytes), the file holds 32 and no padding.
         let built = Builder::new(3).tensor_raw(b"w", &[9], 0, 32, None).build();
@@ -2192,7 +2326,8 @@ pub(crate) mod tests {
         let err = parse(&b.build().bytes).unwrap_err();
         assert!(matches!(
             err,
-            GgufError::UnknownValueType { ref key, id: 13, offset: 41 } if key == "general.x"
+            GgufError::UnknownValueType { ref key, index: None, id: 13, offset: 41 }
+                if key == "general.x"
         ));
         let mut payload = 77u32.to_le_bytes().to_vec();
         payload.extend_from_slice(&0u64.to_le_bytes());
@@ -2201,7 +2336,44 @@ pub(crate) mod tests {
         assert!(matches!(err, GgufError::UnknownValueType { id: 77, .. }));
         let b = Builder::new(3).kv_raw(b"flag", 7, &[2]);
         let err = parse(&b.build().bytes).unwrap_err();
-        assert!(matches!(err, GgufError::InvalidBool { ref key, value: 2, .. } if key == "'flag'"));
+        assert!(matches!(
+            err,
+            GgufError::InvalidBool { ref key, index: None, value: 2, .. } if key == "flag"
+        ));
+    }
+
+    #[test]
+    fn messages_quote_metadata_keys_once() {
+        let b = Builder::new(3).kv_raw(b"flag", 7, &[2]);
+        let msg = parse(&b.build().bytes).unwrap_err().to_string();
+        assert!(msg.starts_with("metadata key 'flag' holds"), "{msg}");
+        // A bool inside an array, and an array whose element type is unknown.
+        let mut payload = 7u32.to_le_bytes().to_vec();
+        payload.extend_from_slice(&2u64.to_le_bytes());
+        payload.extend_from_slice(&[1, 5]);
+        let b = Builder::new(3).kv_raw(b"flags", 9, &payload);
+        let err = parse(&b.build().bytes).unwrap_err();
+        assert!(matches!(
+            err,
+            GgufError::InvalidBool { ref key, index: Some(1), value: 5, .. } if key == "flags"
+        ));
+        let msg = err.to_string();
+        assert!(msg.starts_with("metadata key 'flags'[1] holds"), "{msg}");
+        let mut payload = 77u32.to_le_bytes().to_vec();
+        payload.extend_from_slice(&0u64.to_le_bytes());
+        let b = Builder::new(3).kv_raw(b"tokenizer.ggml.tokens", 9, &payload);
+        let msg = parse(&b.build().bytes).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("metadata key 'tokenizer.ggml.tokens' has unknown value type id 77"),
+            "{msg}"
+        );
+        for msg in [
+            msg,
+            GgufError::MissingKey("k".into()).to_string(),
+            GgufError::DuplicateKey("k".into()).to_string(),
+        ] {
+            assert!(!msg.contains("''"), "{msg}");
+        }
     }
 
     #[test]
@@ -2240,12 +2412,84 @@ pub(crate) mod tests {
         let err = GgufFile::open(&missing).unwrap_err();
         assert!(matches!(err, GgufError::Io { .. }));
         assert!(err.to_string().contains("missing.gguf"));
+        // The OS error is the source, not repeated in the message.
+        let source = std::error::Error::source(&err).unwrap().to_string();
+        assert!(source.contains("os error"), "{source}");
+        assert!(!err.to_string().contains("os error"), "{err}");
         let empty = dir.path().join("empty.gguf");
         std::fs::write(&empty, b"").unwrap();
         assert!(matches!(
             GgufFile::open(&empty).unwrap_err(),
             GgufError::Truncated { .. }
         ));
+    }
+
+    /// `GgufFile::open(path)`, failing the test if it does not return within 5 s.
+    fn open_within_5s(path: &Path) -> Result<GgufFile, GgufError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let owned = path.to_path_buf();
+        std::thread::spawn(move || {
+            let _ = tx.send(GgufFile::open(&owned));
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("opening {} hangs", path.display()))
+    }
+
+    fn assert_not_regular(path: &Path, kind: &str) {
+        let err = open_within_5s(path).expect_err("not a regular file");
+        let msg = err.to_string();
+        assert!(
+            matches!(err, GgufError::NotRegularFile { kind: k, .. } if k.contains(kind)),
+            "{}: {msg}",
+            path.display()
+        );
+        assert!(
+            msg.starts_with(&format!("{} is not a regular file", path.display())),
+            "{msg}"
+        );
+        assert!(msg.contains("pass the path of a .gguf file"), "{msg}");
+        assert!(
+            !msg.contains("bytes long") && !msg.contains("fetch it again"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn open_rejects_directories_devices_fifos_and_proc_files_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_not_regular(dir.path(), "directory");
+        #[cfg(unix)]
+        {
+            for dev in ["/dev/zero", "/dev/urandom", "/dev/null"] {
+                assert_not_regular(Path::new(dev), "character device");
+            }
+            // A FIFO with no writer: opening it for reading would block forever.
+            let fifo = dir.path().join("model.gguf");
+            let status = std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .expect("mkfifo runs");
+            assert!(status.success());
+            assert_not_regular(&fifo, "FIFO");
+        }
+        #[cfg(target_os = "linux")]
+        {
+            assert_not_regular(Path::new("/proc/self/status"), "/proc");
+            // Sysfs files claim 4096 bytes and cannot be mapped (ENODEV).
+            let sys = Path::new("/sys/devices/system/cpu/online");
+            if sys.is_file() {
+                assert_not_regular(sys, "/sys");
+            }
+        }
+        // A link to a regular file is that file.
+        #[cfg(unix)]
+        {
+            let real = dir.path().join("real.gguf");
+            std::fs::write(&real, fixture(3, false).bytes).unwrap();
+            let link = dir.path().join("link.gguf");
+            std::os::unix::fs::symlink(&real, &link).unwrap();
+            assert!(GgufFile::open(&link).is_ok());
+        }
     }
 
     #[test]
