@@ -7,8 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 have_vulkan() {
-    ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1 &&
-        ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1'
+    local icd
+    for icd in /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json; do
+        [ -e "$icd" ] && ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1' && return 0
+    done
+    return 1
 }
 
 if ! have_vulkan; then
@@ -19,9 +22,12 @@ if ! have_vulkan; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mesa-vulkan-drivers libvulkan1
 fi
 
-# The fixture tests run against the real model; `tessera fetch` is a no-op once it is cached.
-cargo build --release --bin tessera
-TESSERA_MODEL="${TESSERA_MODEL:-$(./target/release/tessera fetch)}"
+# Build everything once; the test build includes the `tessera` binary, which fetches the model
+# (a no-op once it is cached) for the tests that run against it.
+cargo test --release --workspace --no-run
+if [ -z "${TESSERA_MODEL:-}" ]; then
+    TESSERA_MODEL="$("${CARGO_TARGET_DIR:-target}/release/tessera" fetch)"
+fi
 export TESSERA_MODEL
 
 cargo test --release --workspace --no-fail-fast "$@"

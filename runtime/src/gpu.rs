@@ -51,6 +51,8 @@ impl fmt::Display for DeviceSelector {
 #[derive(Clone, Debug)]
 pub struct AdapterReport {
     pub index: usize,
+    /// Whether `auto` picks this adapter.
+    pub preferred: bool,
     pub name: String,
     pub backend: String,
     pub device_type: String,
@@ -150,6 +152,7 @@ fn report(index: usize, adapter: &wgpu::Adapter) -> AdapterReport {
     let features = adapter.features();
     AdapterReport {
         index,
+        preferred: false,
         name: info.name.clone(),
         backend: format!("{:?}", info.backend),
         device_type: format!("{:?}", info.device_type),
@@ -171,11 +174,13 @@ fn report(index: usize, adapter: &wgpu::Adapter) -> AdapterReport {
 
 /// Lists every adapter wgpu finds, in enumeration order (the indices `--device N` takes).
 pub fn enumerate_adapters() -> Vec<AdapterReport> {
-    adapters()
-        .iter()
-        .enumerate()
-        .map(|(i, a)| report(i, a))
-        .collect()
+    let all = adapters();
+    let best = (0..all.len()).min_by_key(|&i| preference(&all[i].get_info()));
+    let mut reports: Vec<_> = all.iter().enumerate().map(|(i, a)| report(i, a)).collect();
+    if let Some(best) = best {
+        reports[best].preferred = true;
+    }
+    reports
 }
 
 /// Rank for the default choice: discrete, integrated, virtual, CPU, with OpenGL after all

@@ -194,12 +194,18 @@ fn devices() -> Result<()> {
     }
     let mut text = String::new();
     for a in adapters {
-        text += &format!("{}: {}\n", a.index, a.name);
+        let default = if a.preferred {
+            "  (the default choice)"
+        } else {
+            ""
+        };
+        text += &format!("{}: {}{default}\n", a.index, a.name);
         text += &format!(
             "   backend {}, type {}, vendor 0x{:04x}\n",
             a.backend, a.device_type, a.vendor
         );
-        text += &format!("   driver {} {}\n", a.driver, a.driver_info);
+        let driver = format!("{} {}", a.driver, a.driver_info);
+        text += &format!("   driver {}\n", driver.trim());
         text += &format!(
             "   shader-f16 {}, subgroups {} (size {}..{}), timestamps {}\n",
             yes(a.shader_f16),
@@ -296,7 +302,11 @@ fn read_text(path: &Path) -> Result<String> {
 fn generate_command(args: GenerateArgs) -> Result<()> {
     let prompt = match (&args.prompt, &args.file) {
         (Some(p), _) => p.clone(),
-        (None, Some(f)) => read_text(f)?,
+        // As llama.cpp does, one trailing newline of a prompt file is not part of the prompt.
+        (None, Some(f)) => {
+            let text = read_text(f)?;
+            text.strip_suffix('\n').map(str::to_owned).unwrap_or(text)
+        }
         (None, None) => bail!("give a prompt with -p TEXT or -f FILE"),
     };
     check_sampling(&args)?;
@@ -435,16 +445,18 @@ fn perplexity_command(args: PerplexityArgs) -> Result<()> {
     };
     let start = Instant::now();
     let bar = progress::chunks_bar(tokens.len() / args.ctx_size.max(1));
-    let report = perplexity(
-        &mut session,
-        &tokens,
-        args.ctx_size,
-        bos,
-        &mut |done, _, ppl| {
-            bar.set_position(done as u64);
-            bar.set_message(format!("ppl {ppl:.4}"));
-        },
-    )?;
+    // Running values as llama-perplexity prints them, when no bar can be drawn (a log file).
+    let mut progress = |done: usize, _: usize, ppl: f64| {
+        if bar.is_hidden() {
+            let _ = write!(std::io::stderr(), "[{done}]{ppl:.4},");
+        }
+        bar.set_position(done as u64);
+        bar.set_message(format!("ppl {ppl:.4}"));
+    };
+    let report = perplexity(&mut session, &tokens, args.ctx_size, bos, &mut progress)?;
+    if bar.is_hidden() {
+        let _ = writeln!(std::io::stderr());
+    }
     bar.finish_and_clear();
     if args.json {
         let mut value = serde_json::to_value(&report)?;

@@ -201,28 +201,26 @@ mod tests {
 
     #[test]
     fn weights_split_over_the_binding_limit_give_the_same_result() {
-        let options = GpuOptions {
-            max_binding_override: Some(8192),
-            ..Default::default()
-        };
-        let small = Gpu::new(&options).unwrap();
-        let w = small
-            .upload_weight(
-                "w",
-                DType::Q8_0,
-                300,
-                96,
-                &random_weight(DType::Q8_0, 300, 96, 3),
-            )
-            .unwrap();
-        assert!(
-            w.parts.len() > 1,
-            "expected a split, got {} part(s)",
-            w.parts.len()
-        );
-        for m in [1, 6] {
-            check(&small, DType::Q8_0, m, 300, 96, 3);
-            check(&small, DType::Q4_1, m, 257, 64, 4);
+        for layout in [KernelLayout::Cooperative, KernelLayout::LanePerRow] {
+            let options = GpuOptions {
+                max_binding_override: Some(8192),
+                layout: Some(layout),
+                ..Default::default()
+            };
+            let small = Gpu::new(&options).unwrap();
+            let bytes = random_weight(DType::Q8_0, 300, 96, 3);
+            let w = small
+                .upload_weight("w", DType::Q8_0, 300, 96, &bytes)
+                .unwrap();
+            assert!(
+                w.parts.len() > 1,
+                "expected a split, got {} part(s)",
+                w.parts.len()
+            );
+            for m in [1, 6] {
+                check(&small, DType::Q8_0, m, 300, 96, 3);
+                check(&small, DType::Q4_1, m, 257, 64, 4);
+            }
         }
     }
 
