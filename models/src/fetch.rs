@@ -1034,33 +1034,6 @@ mod tests {
     }
 
     #[test]
-    fn fetch_into_a_read_only_cache_says_it_is_not_writable() {
-        let cache = tempfile::tempdir().unwrap();
-        let dir = cache.path().join("ro");
-        fs::create_dir(&dir).unwrap();
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o555)).unwrap();
-        // Root writes anyway; `write_error_hints_at_disk_space_only_when_it_is_full` covers it.
-        let root = File::create(dir.join("probe")).is_ok();
-        if !root {
-            let err = fetch_model(
-                &source(sha_of(b"x")),
-                &dir,
-                "/nonexistent/tessera-test-python3".as_ref(),
-                &mut |_| {},
-            )
-            .expect_err("read-only");
-            let msg = err.to_string();
-            assert!(matches!(err, FetchError::NotWritable { .. }), "{msg}");
-            assert!(
-                msg.contains("is not writable") && !msg.contains("free"),
-                "{msg}"
-            );
-            assert_source_not_repeated(&err);
-        }
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-    }
-
-    #[test]
     fn write_error_hints_at_disk_space_only_when_it_is_full() {
         let dir = Path::new("/cache");
         let file = Path::new("/cache/model.gguf.part-1-0");
