@@ -331,3 +331,35 @@ fn meaningless_settings_name_the_flag() {
     let out = tessera(&["perplexity", "-m", &model, "-f", text, "-c", "2"]);
     assert_clean_failure(&out, &["--ctx-size 4"]);
 }
+
+#[test]
+fn a_device_name_that_matches_several_adapters_asks_for_an_index() {
+    // Count the adapters sharing the first one's name; the check applies where names repeat.
+    let listing = tessera(&["devices"]);
+    let text = String::from_utf8_lossy(&listing.stdout).into_owned();
+    let names: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with(' '))
+        .filter_map(|l| {
+            l.split_once(": ")
+                .map(|(_, n)| n.trim_end_matches("  (the default choice)"))
+        })
+        .collect();
+    let first = names.first().expect("an adapter").to_string();
+    let out = tessera(&[
+        "generate",
+        "-m",
+        &model_arg(),
+        "-p",
+        "hi",
+        "-n",
+        "1",
+        "--device",
+        &first,
+    ]);
+    if names.iter().filter(|n| **n == first).count() > 1 {
+        assert_clean_failure(&out, &["more than one adapter", "index"]);
+    } else {
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+}

@@ -20,6 +20,16 @@ pub enum RuntimeError {
         available: String,
     },
 
+    /// More than one adapter matches the name the user gave.
+    #[error(
+        "`{requested}` matches more than one adapter; pick one by index (or by backend name, \
+         e.g. `vulkan`):\n{available}"
+    )]
+    AmbiguousAdapter {
+        requested: String,
+        available: String,
+    },
+
     /// The adapter refused to create a device.
     #[error("could not open the device on adapter `{adapter}`: {source}")]
     RequestDevice {

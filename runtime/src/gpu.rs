@@ -239,12 +239,23 @@ fn choose(selector: &DeviceSelector) -> Result<wgpu::Adapter> {
         DeviceSelector::Index(_) => return Err(not_found()),
         DeviceSelector::Name(name) => {
             let needle = name.to_lowercase();
-            reports
+            let matches: Vec<usize> = reports
                 .iter()
-                .position(|r| {
+                .filter(|r| {
                     r.name.to_lowercase().contains(&needle) || r.backend.to_lowercase() == needle
                 })
-                .ok_or_else(not_found)?
+                .map(|r| r.index)
+                .collect();
+            match matches[..] {
+                [] => return Err(not_found()),
+                [one] => one,
+                _ => {
+                    return Err(RuntimeError::AmbiguousAdapter {
+                        requested: name.clone(),
+                        available: describe(&reports),
+                    })
+                }
+            }
         }
     };
     Ok(all.swap_remove(index))
