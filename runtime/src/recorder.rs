@@ -137,15 +137,13 @@ impl<'g> Recorder<'g> {
     pub fn submit(self) -> Result<Vec<Vec<u8>>> {
         let gpu = self.gpu;
         let device = &gpu.device;
+        // The arena comes from the pool and goes back after the submit: a later write to it is
+        // ordered after this submission on the queue, so a decode step allocates nothing.
         let arena = if self.arena.is_empty() {
             None
         } else {
-            let buffer = device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("uniform arena"),
-                size: self.arena.len() as u64,
-                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
+            let usage = wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST;
+            let buffer = gpu.raw_buffer("uniform arena", self.arena.len() as u64, usage)?;
             gpu.queue.write_buffer(&buffer, 0, &self.arena);
             Some(buffer)
         };
@@ -212,6 +210,12 @@ impl<'g> Recorder<'g> {
             stagings.push((staging, *len));
         }
         gpu.queue.submit([encoder.finish()]);
+        if let Some(arena) = arena {
+            gpu.pool
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .give(arena);
+        }
         gpu.check_error()?;
         stagings
             .iter()

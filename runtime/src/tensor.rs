@@ -221,7 +221,13 @@ const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_DST);
 
 impl Gpu {
-    fn raw_buffer(&self, what: &str, size: u64, usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
+    /// A buffer of at least `size` bytes, from the pool when one is free.
+    pub(crate) fn raw_buffer(
+        &self,
+        what: &str,
+        size: u64,
+        usage: wgpu::BufferUsages,
+    ) -> Result<wgpu::Buffer> {
         let size = bucket(size);
         let limit = self.limits().max_buffer_size;
         if size > limit {

@@ -338,14 +338,16 @@ impl<'m> Session<'m> {
                         )?;
                         let id = rec.read(&logits_t, 0, n * n_vocab);
                         let bytes = std::mem::replace(&mut rec, Recorder::new(gpu)).submit()?;
-                        out.extend_from_slice(bytemuck_cast::<f32>(&bytes[id.index()]).as_slice());
+                        out.extend_from_slice(
+                            bytemuck::pod_collect_to_vec::<u8, f32>(&bytes[id.index()]).as_slice(),
+                        );
                     }
                 }
                 Logits::Last if is_last => {
                     self.record_logits_last(&mut rec, chunk.len())?;
                     let id = rec.read(&self.scratch.logits_last, 0, n_vocab);
                     let bytes = rec.submit()?;
-                    out = bytemuck_cast(&bytes[id.index()]);
+                    out = bytemuck::pod_collect_to_vec(&bytes[id.index()]);
                 }
                 _ => {
                     rec.submit()?;
@@ -376,7 +378,7 @@ impl<'m> Session<'m> {
         let id = rec.read(&s.token, 0, 1);
         let bytes = rec.submit()?;
         self.n_past += 1;
-        let token: Vec<u32> = bytemuck_cast(&bytes[id.index()]);
+        let token: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes[id.index()]);
         token
             .first()
             .copied()
@@ -484,8 +486,4 @@ impl<'m> Session<'m> {
         )?;
         Ok(())
     }
-}
-
-fn bytemuck_cast<T: bytemuck::Pod>(bytes: &[u8]) -> Vec<T> {
-    bytemuck::pod_collect_to_vec(bytes)
 }
