@@ -1,3 +1,4 @@
-//! Tessera's post-training quantization toolkit (calibration statistics and quantizers).
-//!
-//! Nothing is exported yet: the quantizers arrive with the `quant calibrate` work.
+//! Tessera's post-training quantization toolkit: GGUF block codecs, calibration statistics and
+//! the quantizers (`quant calibrate`).
+
+pub mod codec;

@@ -1,0 +1,87 @@
+//! Block codecs: f32 rows to GGUF's quantized block layouts, written from the formats and the
+//! published reference algorithms, and byte-identical to llama.cpp's quantizer on the same input
+//! (with and without an importance matrix; `quant/tests/codec_fixtures.rs` checks each type).
+//!
+//! Decoding is the runtime's (`tessera_runtime::dequantize_row`), the same reference the GPU
+//! kernels are tested against. What the quantizers need beyond encoding is the grid of one
+//! element of an encoded block ([`Grid`]) and a way to overwrite its code: GPTQ fixes a block's
+//! scales, then rounds its columns one by one onto that grid.
+
+#[cfg(test)]
+pub(crate) mod fixtures;
+mod kquants;
+mod legacy;
+
+pub use kquants::{Q2K, Q3K, Q4K, Q5K, Q6K};
+pub use legacy::{Iq4Nl, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+
+/// The values one element of an encoded block can take.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Grid {
+    /// `scale * q + offset` for integer codes `qmin ..= qmax`.
+    Affine {
+        scale: f32,
+        offset: f32,
+        qmin: i32,
+        qmax: i32,
+    },
+    /// `scale * levels[q]`: a non-uniform grid (IQ4_NL).
+    Table { scale: f32, levels: &'static [i8] },
+}
+
+impl Grid {
+    /// The value of code `q`.
+    pub fn value(&self, q: i32) -> f32 {
+        match *self {
+            Grid::Affine { scale, offset, .. } => scale * q as f32 + offset,
+            Grid::Table { scale, levels } => scale * f32::from(levels[q as usize]),
+        }
+    }
+
+    /// The code whose value is nearest to `x`.
+    pub fn nearest(&self, x: f32) -> i32 {
+        match *self {
+            Grid::Affine {
+                scale,
+                offset,
+                qmin,
+                qmax,
+            } => {
+                if scale == 0.0 {
+                    return qmin.max(0).min(qmax);
+                }
+                (((x - offset) / scale).round() as i32).clamp(qmin, qmax)
+            }
+            Grid::Table { scale, levels } => {
+                let mut best = 0;
+                for q in 1..levels.len() {
+                    let d = (scale * f32::from(levels[q]) - x).abs();
+                    if d < (scale * f32::from(levels[best]) - x).abs() {
+                        best = q;
+                    }
+                }
+                best as i32
+            }
+        }
+    }
+}
+
+/// One GGUF block type.
+pub trait BlockCodec {
+    /// Elements per block.
+    const BLOCK: usize;
+    /// Bytes per block.
+    const BYTES: usize;
+
+    /// Encodes a row (a whole number of blocks) into `out` (`x.len() / BLOCK * BYTES` bytes).
+    /// `importance`, one weight per element of the row (an importance matrix's mean x_j^2 for
+    /// the row's input channels), turns on llama.cpp's weighted scale search; without it the
+    /// result is llama.cpp's reference quantizer's.
+    fn quantize_row(x: &[f32], importance: Option<&[f32]>, out: &mut [u8]);
+
+    /// The grid of element `i` of the encoded block `block` (`BYTES` long).
+    fn grid(block: &[u8], i: usize) -> Grid;
+
+    /// Sets the code of element `i` of `block` to `q`, a code of its [`BlockCodec::grid`].
+    fn set_quant(block: &mut [u8], i: usize, q: i32);
+}
