@@ -12,6 +12,8 @@ pub(crate) mod fixtures;
 mod kquants;
 mod legacy;
 
+use tessera_runtime::DType;
+
 pub use kquants::{Q2K, Q3K, Q4K, Q5K, Q6K};
 pub use legacy::{Iq4Nl, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 
@@ -84,4 +86,64 @@ pub trait BlockCodec {
 
     /// Sets the code of element `i` of `block` to `q`, a code of its [`BlockCodec::grid`].
     fn set_quant(block: &mut [u8], i: usize, q: i32);
+}
+
+/// A codec chosen at run time: the functions of one [`BlockCodec`].
+#[derive(Clone, Copy)]
+pub struct DynCodec {
+    pub dtype: DType,
+    pub block: usize,
+    pub bytes: usize,
+    pub quantize_row: fn(&[f32], Option<&[f32]>, &mut [u8]),
+    pub grid: fn(&[u8], usize) -> Grid,
+    pub set_quant: fn(&mut [u8], usize, i32),
+}
+
+impl DynCodec {
+    fn of<C: BlockCodec>(dtype: DType) -> DynCodec {
+        DynCodec {
+            dtype,
+            block: C::BLOCK,
+            bytes: C::BYTES,
+            quantize_row: C::quantize_row,
+            grid: C::grid,
+            set_quant: C::set_quant,
+        }
+    }
+
+    /// Encodes `rows` rows of `x` (`[rows, k]`) into `out`, on all cores, each row with
+    /// `importance` when given.
+    pub fn quantize_rows(&self, x: &[f32], k: usize, importance: Option<&[f32]>, out: &mut [u8]) {
+        let row_bytes = k / self.block * self.bytes;
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+        let rows = x.len() / k.max(1);
+        let per = rows.div_ceil(threads).max(1);
+        std::thread::scope(|s| {
+            for (xc, oc) in x.chunks(per * k).zip(out.chunks_mut(per * row_bytes)) {
+                s.spawn(move || {
+                    for (xr, or) in xc.chunks_exact(k).zip(oc.chunks_exact_mut(row_bytes)) {
+                        (self.quantize_row)(xr, importance, or);
+                    }
+                });
+            }
+        });
+    }
+}
+
+/// The codec of a quantized type; None for F32 and F16, which are written as they are.
+pub fn for_type(dtype: DType) -> Option<DynCodec> {
+    Some(match dtype {
+        DType::Q4_0 => DynCodec::of::<Q4_0>(dtype),
+        DType::Q4_1 => DynCodec::of::<Q4_1>(dtype),
+        DType::Q5_0 => DynCodec::of::<Q5_0>(dtype),
+        DType::Q5_1 => DynCodec::of::<Q5_1>(dtype),
+        DType::Q8_0 => DynCodec::of::<Q8_0>(dtype),
+        DType::Q2_K => DynCodec::of::<Q2K>(dtype),
+        DType::Q3_K => DynCodec::of::<Q3K>(dtype),
+        DType::Q4_K => DynCodec::of::<Q4K>(dtype),
+        DType::Q5_K => DynCodec::of::<Q5K>(dtype),
+        DType::Q6_K => DynCodec::of::<Q6K>(dtype),
+        DType::IQ4_NL => DynCodec::of::<Iq4Nl>(dtype),
+        DType::F32 | DType::F16 => return None,
+    })
 }
