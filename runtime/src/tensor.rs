@@ -12,24 +12,48 @@ use crate::error::{Result, RuntimeError};
 use crate::gpu::Gpu;
 use crate::pool::{bucket, BufferPool};
 
-/// Element types the kernels can read, with GGML's type ids.
+/// Element types the kernels can read, with GGML's type ids. Block layouts are GGML's
+/// (`ggml-common.h`): K-quants pack 256 elements in a super-block of 8 (Q4_K, Q5_K) or 16
+/// (Q2_K, Q3_K, Q6_K) sub-blocks with quantised scales; the others pack 32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)]
 pub enum DType {
     F32,
     F16,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
+    Q2_K,
+    Q3_K,
+    Q4_K,
+    Q5_K,
+    Q6_K,
+    IQ4_NL,
 }
+
+/// IQ4_NL's 16 non-linear levels, indexed by the 4-bit code (`kvalues_iq4nl` in ggml).
+pub const IQ4_NL_LEVELS: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
 
 impl DType {
     /// All types the runtime runs, for tests and benchmarks.
-    pub const ALL: [DType; 5] = [
+    pub const ALL: [DType; 13] = [
         DType::F32,
         DType::F16,
         DType::Q4_0,
         DType::Q4_1,
+        DType::Q5_0,
+        DType::Q5_1,
         DType::Q8_0,
+        DType::Q2_K,
+        DType::Q3_K,
+        DType::Q4_K,
+        DType::Q5_K,
+        DType::Q6_K,
+        DType::IQ4_NL,
     ];
 
     /// GGML's type id (the value in GGUF tensor infos).
@@ -39,7 +63,15 @@ impl DType {
             DType::F16 => 1,
             DType::Q4_0 => 2,
             DType::Q4_1 => 3,
+            DType::Q5_0 => 6,
+            DType::Q5_1 => 7,
             DType::Q8_0 => 8,
+            DType::Q2_K => 10,
+            DType::Q3_K => 11,
+            DType::Q4_K => 12,
+            DType::Q5_K => 13,
+            DType::Q6_K => 14,
+            DType::IQ4_NL => 20,
         }
     }
 
@@ -55,7 +87,15 @@ impl DType {
             DType::F16 => "F16",
             DType::Q4_0 => "Q4_0",
             DType::Q4_1 => "Q4_1",
+            DType::Q5_0 => "Q5_0",
+            DType::Q5_1 => "Q5_1",
             DType::Q8_0 => "Q8_0",
+            DType::Q2_K => "Q2_K",
+            DType::Q3_K => "Q3_K",
+            DType::Q4_K => "Q4_K",
+            DType::Q5_K => "Q5_K",
+            DType::Q6_K => "Q6_K",
+            DType::IQ4_NL => "IQ4_NL",
         }
     }
 
@@ -63,6 +103,7 @@ impl DType {
     pub fn block_size(self) -> usize {
         match self {
             DType::F32 | DType::F16 => 1,
+            DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K => 256,
             _ => 32,
         }
     }
@@ -74,7 +115,15 @@ impl DType {
             DType::F16 => 2,
             DType::Q4_0 => 18,
             DType::Q4_1 => 20,
+            DType::Q5_0 => 22,
+            DType::Q5_1 => 24,
             DType::Q8_0 => 34,
+            DType::Q2_K => 84,
+            DType::Q3_K => 110,
+            DType::Q4_K => 144,
+            DType::Q5_K => 176,
+            DType::Q6_K => 210,
+            DType::IQ4_NL => 18,
         }
     }
 
@@ -90,15 +139,48 @@ impl DType {
         Ok(k / self.block_size() * self.block_bytes())
     }
 
-    /// The bytes per 32-element group that the WGSL dequantisation steps over.
+    /// The bytes per block that the WGSL dequantisation steps over: a GGUF block, or 32
+    /// elements of a plain float type.
     pub(crate) fn wgsl_block_bytes(self) -> u32 {
-        (self.block_bytes() * 32 / self.block_size()) as u32
+        let elements = self.block_size().max(32);
+        (self.block_bytes() * elements / self.block_size()) as u32
     }
 }
 
+/// The f16 at byte `i` of `b`, widened.
+fn half_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Scale and min of sub-block `j` (0..8) from the 12 packed 6-bit values of a Q4_K or Q5_K
+/// super-block: the first four pairs sit in the low 6 bits of bytes 0..8, the last four take
+/// their low nibbles from bytes 8..12 and their top two bits from bytes 0..8.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Scale `i` (0..16) of a Q3_K super-block from its 12 packed bytes, as the signed value
+/// `sc - 32`: low nibbles in bytes 0..8 (low half first), top two bits in bytes 8..12.
+fn scale_q3_k(i: usize, q: &[u8]) -> i32 {
+    let low = (q[i % 8] >> (4 * (i / 8))) & 15;
+    let high = (q[8 + i % 4] >> (2 * (i / 4))) & 3;
+    i32::from(low | (high << 4)) - 32
+}
+
 /// Decodes one row of `dtype` into f32: the CPU reference every kernel is checked against.
+/// The arithmetic follows ggml's `dequantize_row_*` operation by operation, so results equal
+/// llama.cpp's bit for bit.
 pub fn dequantize_row(dtype: DType, bytes: &[u8], out: &mut [f32]) {
-    let half_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    let blocks = out
+        .chunks_mut(dtype.block_size().max(32))
+        .zip(bytes.chunks_exact(dtype.wgsl_block_bytes() as usize));
     match dtype {
         DType::F32 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
@@ -111,28 +193,114 @@ pub fn dequantize_row(dtype: DType, bytes: &[u8], out: &mut [f32]) {
             }
         }
         DType::Q8_0 => {
-            for (o, b) in out.chunks_mut(32).zip(bytes.chunks_exact(34)) {
+            for (o, b) in blocks {
                 let d = half_at(b, 0);
                 for (j, v) in o.iter_mut().enumerate() {
                     *v = d * f32::from(b[2 + j] as i8);
                 }
             }
         }
-        DType::Q4_0 => {
-            for (o, b) in out.chunks_mut(32).zip(bytes.chunks_exact(18)) {
+        DType::Q4_0 | DType::IQ4_NL => {
+            let level = |q: u8| match dtype {
+                DType::Q4_0 => f32::from(q) - 8.0,
+                _ => f32::from(IQ4_NL_LEVELS[usize::from(q)]),
+            };
+            for (o, b) in blocks {
                 let d = half_at(b, 0);
                 for j in 0..16 {
-                    o[j] = d * ((b[2 + j] & 15) as f32 - 8.0);
-                    o[j + 16] = d * ((b[2 + j] >> 4) as f32 - 8.0);
+                    o[j] = d * level(b[2 + j] & 15);
+                    o[j + 16] = d * level(b[2 + j] >> 4);
                 }
             }
         }
         DType::Q4_1 => {
-            for (o, b) in out.chunks_mut(32).zip(bytes.chunks_exact(20)) {
+            for (o, b) in blocks {
                 let (d, m) = (half_at(b, 0), half_at(b, 2));
                 for j in 0..16 {
                     o[j] = d * (b[4 + j] & 15) as f32 + m;
                     o[j + 16] = d * (b[4 + j] >> 4) as f32 + m;
+                }
+            }
+        }
+        DType::Q5_0 | DType::Q5_1 => {
+            // f16 d (and f16 m for Q5_1), 4 bytes of fifth bits (bit e for element e), then
+            // nibbles as in Q4_0. Q5_0: x = d * (q - 16); Q5_1: x = d * q + m.
+            let qh_at = if dtype == DType::Q5_0 { 2 } else { 4 };
+            for (o, b) in blocks {
+                let d = half_at(b, 0);
+                let qh = u32::from_le_bytes([b[qh_at], b[qh_at + 1], b[qh_at + 2], b[qh_at + 3]]);
+                let qs = &b[qh_at + 4..];
+                for (e, v) in o.iter_mut().enumerate() {
+                    let low = (qs[e % 16] >> (4 * (e / 16))) & 15;
+                    let q = i32::from(low) | ((((qh >> e) & 1) as i32) << 4);
+                    *v = match dtype {
+                        DType::Q5_0 => (q - 16) as f32 * d,
+                        _ => q as f32 * d + half_at(b, 2),
+                    };
+                }
+            }
+        }
+        DType::Q2_K => {
+            // 16 scale bytes (low nibble scale, high nibble min, one per 16 elements), 64
+            // bytes of 2-bit codes (each 32-byte half serves 128 elements, 2 bits per pass),
+            // f16 d, f16 dmin; x = d * scale * q - dmin * min.
+            for (o, b) in blocks {
+                let (d, dmin) = (half_at(b, 80), half_at(b, 82));
+                for (e, v) in o.iter_mut().enumerate() {
+                    let sc = b[e / 16];
+                    let (dl, ml) = (d * f32::from(sc & 15), dmin * f32::from(sc >> 4));
+                    let q = (b[16 + 32 * (e / 128) + e % 32] >> (2 * ((e / 32) % 4))) & 3;
+                    *v = dl * f32::from(q) - ml;
+                }
+            }
+        }
+        DType::Q3_K => {
+            // 32 bytes of high bits (bit e / 32 of byte e % 32), 64 bytes of 2-bit codes laid
+            // out as in Q2_K, 12 bytes of 6-bit scales, f16 d; x = d * (sc - 32) * (q - 4)
+            // where the high bit, when set, cancels the 4.
+            for (o, b) in blocks {
+                let d = half_at(b, 108);
+                for (e, v) in o.iter_mut().enumerate() {
+                    let dl = d * scale_q3_k(e / 16, &b[96..108]) as f32;
+                    let low = (b[32 + 32 * (e / 128) + e % 32] >> (2 * ((e / 32) % 4))) & 3;
+                    let high = (b[e % 32] >> (e / 32)) & 1;
+                    *v = dl * (i32::from(low) - if high == 1 { 0 } else { 4 }) as f32;
+                }
+            }
+        }
+        DType::Q4_K | DType::Q5_K => {
+            // f16 d, f16 dmin, 12 bytes of 6-bit scales and mins (one pair per 32 elements),
+            // for Q5_K 32 bytes of fifth bits (bit e / 32 of byte e % 32), then 128 bytes of
+            // nibbles, each 32-byte run serving 64 elements (low nibbles first);
+            // x = d * scale * q - dmin * min.
+            let qs_at = if dtype == DType::Q4_K { 16 } else { 48 };
+            for (o, b) in blocks {
+                let (d, dmin) = (half_at(b, 0), half_at(b, 2));
+                for (e, v) in o.iter_mut().enumerate() {
+                    let (sc, m) = scale_min_k4(e / 32, &b[4..16]);
+                    let (dl, ml) = (d * f32::from(sc), dmin * f32::from(m));
+                    let mut q = (b[qs_at + 32 * (e / 64) + e % 32] >> (4 * ((e / 32) % 2))) & 15;
+                    if dtype == DType::Q5_K {
+                        q += ((b[16 + e % 32] >> (e / 32)) & 1) << 4;
+                    }
+                    *v = dl * f32::from(q) - ml;
+                }
+            }
+        }
+        DType::Q6_K => {
+            // 128 bytes of low nibbles, 64 bytes of 2-bit high parts, 16 signed scales (one per
+            // 16 elements), f16 d. Each half of 128 elements uses 64 low-nibble bytes and 32
+            // high bytes: its quarter t takes nibble t / 2 of byte 32 * (t % 2) + l and bits
+            // 2t..2t+2 of high byte l. x = d * scale * (q - 32).
+            for (o, b) in blocks {
+                let d = half_at(b, 208);
+                for (e, v) in o.iter_mut().enumerate() {
+                    let (h, t, l) = (e / 128, (e / 32) % 4, e % 32);
+                    let low = (b[64 * h + 32 * (t % 2) + l] >> (4 * (t / 2))) & 15;
+                    let high = (b[128 + 32 * h + l] >> (2 * t)) & 3;
+                    let q = i32::from(low | (high << 4)) - 32;
+                    let sc = b[192 + e / 16] as i8;
+                    *v = d * f32::from(sc) * q as f32;
                 }
             }
         }
@@ -420,5 +588,63 @@ impl Gpu {
             .unwrap_or_else(|p| p.into_inner())
             .give(staging.clone());
         Ok(data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// llama.cpp's encoding of 10 rows of 512 elements and its decoding of the first two
+    /// (`quant/tests/data/codec`, see its README).
+    fn codec_fixture(dtype: DType) -> (Vec<u8>, Vec<f32>) {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../quant/tests/data/codec");
+        let stem = match dtype {
+            DType::IQ4_NL => "iq4_nl".to_string(),
+            d => d.name().to_lowercase().replace("_k", "_K"),
+        };
+        let read = |ext: &str| {
+            let path = format!("{dir}/{stem}.{ext}");
+            std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+        };
+        let decoded = read("decoded.f32");
+        (read("ref.bin"), bytemuck::pod_collect_to_vec(&decoded))
+    }
+
+    #[test]
+    fn dequantize_row_equals_llama_cpp_bit_for_bit() {
+        let quantized = DType::ALL.into_iter().filter(|d| d.block_size() > 1);
+        for dtype in quantized {
+            let (encoded, want) = codec_fixture(dtype);
+            let row_bytes = dtype.row_bytes(512).unwrap();
+            assert_eq!(encoded.len(), 10 * row_bytes, "{dtype:?} fixture size");
+            for (r, want) in want.chunks_exact(512).enumerate() {
+                let mut got = vec![f32::NAN; 512];
+                dequantize_row(
+                    dtype,
+                    &encoded[r * row_bytes..(r + 1) * row_bytes],
+                    &mut got,
+                );
+                for (e, (g, w)) in got.iter().zip(want).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        w.to_bits(),
+                        "{dtype:?} row {r} element {e}: {g} != {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn block_sizes_follow_ggml() {
+        for dtype in DType::ALL {
+            assert_eq!(DType::from_ggml_id(dtype.ggml_id()), Some(dtype));
+        }
+        assert_eq!(DType::Q4_K.row_bytes(512).unwrap(), 288);
+        assert_eq!(DType::Q3_K.row_bytes(768).unwrap(), 330);
+        assert_eq!(DType::IQ4_NL.row_bytes(64).unwrap(), 36);
+        assert!(DType::Q6_K.row_bytes(96).is_err());
+        assert_eq!(DType::from_ggml_id(9), None);
     }
 }
