@@ -117,7 +117,11 @@ impl Target {
     /// Every name `parse` accepts, for error messages.
     pub fn names() -> String {
         let mut names: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
-        names.extend(WRITABLE.iter().map(|d| d.name()).filter(|n| !names.contains(n)));
+        for d in WRITABLE {
+            if !names.contains(&d.name()) {
+                names.push(d.name());
+            }
+        }
         names.join(", ")
     }
 
