@@ -70,19 +70,19 @@ pub fn search_and_fold(
     // then searches over as they are.
     let mut order: Vec<&SiteStats> = stats.sites.iter().collect();
     let rank = |s: &str| match s {
-        "ffn_down_in" => 0,
-        "ffn_in" => 1,
-        "attn_out" => 2,
+        "swiglu" => 0,
+        "ffn_norm" => 1,
+        "attention" => 2,
         _ => 3,
     };
     order.sort_by_key(|s| (s.layer, rank(&s.site)));
     for (done, site) in order.iter().enumerate() {
         progress(done, order.len(), &format!("awq layer {} {}", site.layer, site.site));
         let into = match site.site.as_str() {
-            "attn_in" => format!("blk.{}.attn_norm.weight", site.layer),
-            "ffn_in" => format!("blk.{}.ffn_norm.weight", site.layer),
-            "ffn_down_in" => format!("blk.{}.ffn_up.weight", site.layer),
-            "attn_out" if n_gqa == 1 => format!("blk.{}.attn_v.weight", site.layer),
+            "attn_norm" => format!("blk.{}.attn_norm.weight", site.layer),
+            "ffn_norm" => format!("blk.{}.ffn_norm.weight", site.layer),
+            "swiglu" => format!("blk.{}.ffn_up.weight", site.layer),
+            "attention" if n_gqa == 1 => format!("blk.{}.attn_v.weight", site.layer),
             _ => continue,
         };
         let Some(into_i) = index(&into) else { continue };
@@ -130,7 +130,7 @@ pub fn search_and_fold(
             }
         }
         let target = &mut values[into_i];
-        if site.site == "attn_in" || site.site == "ffn_in" {
+        if site.site == "attn_norm" || site.site == "ffn_norm" {
             for (g, sj) in target.iter_mut().zip(&s) {
                 *g /= sj;
             }

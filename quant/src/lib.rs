@@ -7,8 +7,11 @@ pub mod calib;
 pub mod calibrate;
 pub mod codec;
 pub mod eval;
+pub mod gather;
 pub mod gptq;
+pub mod imatrix;
 pub mod mix;
+pub mod report;
 pub mod stats;
 
 use tessera_models::llm::LlmError;

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 #[derive(Clone, Debug, Default)]
 pub struct SiteStats {
     pub layer: usize,
-    /// The site's short name: `attn_in`, `attn_out`, `ffn_in` or `ffn_down_in`.
+    /// The site's short name: `attn_norm`, `attention`, `ffn_norm` or `swiglu`.
     pub site: String,
     /// The GGUF names of the weight matrices that read this input.
     pub tensors: Vec<String>,

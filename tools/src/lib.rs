@@ -5,6 +5,7 @@
 //! llama.cpp user's habits carry over.
 
 mod progress;
+mod quant;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -49,18 +50,44 @@ enum Command {
     /// Download the default model into the cache now (otherwise done on first use) and print
     /// its path.
     Fetch,
+    /// Post-training quantization: calibrate, eval, stats, sweep (also the `quant` program).
+    #[command(subcommand)]
+    Quant(quant::QuantCommand),
+}
+
+/// The `quant` program: `tessera quant` under its own name.
+#[derive(Parser)]
+#[command(
+    name = "quant",
+    version,
+    about = "Post-training quantization of GGUF models with calibration data"
+)]
+struct QuantCli {
+    /// Log more (-v: info, -vv: debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: quant::QuantCommand,
+}
+
+/// Runs the `quant` command line.
+pub fn run_quant() -> Result<()> {
+    let cli = QuantCli::parse();
+    init_logging(cli.verbose);
+    quant::run(cli.command)
 }
 
 #[derive(Args)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// GGUF model file; without it, the default model (SmolLM2-135M-Instruct) is fetched once
     /// into the cache directory.
     #[arg(short = 'm', long = "model")]
-    model: Option<PathBuf>,
+    pub(crate) model: Option<PathBuf>,
 
     /// Adapter to run on: an index or a name from `tessera devices`, or `auto`.
     #[arg(long, env = "TESSERA_DEVICE", default_value = "auto")]
-    device: DeviceSelector,
+    pub(crate) device: DeviceSelector,
 }
 
 #[derive(Args)]
@@ -170,6 +197,7 @@ pub fn run() -> Result<()> {
         Command::Perplexity(args) => perplexity_command(args),
         Command::Tokenize(args) => tokenize_command(args),
         Command::Fetch => out(model_path(&None)?.display()),
+        Command::Quant(cmd) => quant::run(cmd),
     }
 }
 
@@ -227,7 +255,7 @@ fn devices() -> Result<()> {
 }
 
 /// Writes a line to stdout; a closed pipe or a full disk is an error, never a panic.
-fn out(line: impl std::fmt::Display) -> Result<()> {
+pub(crate) fn out(line: impl std::fmt::Display) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{line}")
         .and_then(|_| stdout.flush())
@@ -243,7 +271,7 @@ fn yes(b: bool) -> &'static str {
 }
 
 /// The model path given, or the default model, fetched on first use.
-fn model_path(model: &Option<PathBuf>) -> Result<PathBuf> {
+pub(crate) fn model_path(model: &Option<PathBuf>) -> Result<PathBuf> {
     if let Some(path) = model {
         return Ok(path.clone());
     }
@@ -253,7 +281,7 @@ fn model_path(model: &Option<PathBuf>) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn open_gpu(selector: &DeviceSelector) -> Result<Arc<Gpu>> {
+pub(crate) fn open_gpu(selector: &DeviceSelector) -> Result<Arc<Gpu>> {
     let options = GpuOptions {
         selector: selector.clone(),
         ..Default::default()
@@ -274,7 +302,7 @@ const MAX_TEXT_BYTES: u64 = 1 << 30;
 
 /// Reads a UTF-8 text file given on the command line, refusing what is not a regular file
 /// (a FIFO would block, /dev/zero would never end).
-fn read_text(path: &Path) -> Result<String> {
+pub(crate) fn read_text(path: &Path) -> Result<String> {
     let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
     if !meta.is_file() {
         bail!(
@@ -495,4 +523,24 @@ fn tokenize_command(args: TokenizeArgs) -> Result<()> {
         }
         out(text.trim_end())
     }
+}
+
+/// The process exit code for a command's result, with the error printed to stderr. A reader
+/// of our output that went away (`| head`) is not an error, as for other Unix tools.
+pub fn exit_code(result: Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) if is_broken_pipe(&err) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            let _ = writeln!(std::io::stderr(), "error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

@@ -1,6 +1,7 @@
 //! Block codecs: f32 rows to GGUF's quantized block layouts, written from the formats and the
 //! published reference algorithms, and byte-identical to llama.cpp's quantizer on the same input
-//! (with and without an importance matrix; `quant/tests/codec_fixtures.rs` checks each type).
+//! (with and without an importance matrix; each codec module tests this against fixtures made by
+//! llama.cpp, `quant/tests/data/codec`).
 //!
 //! Decoding is the runtime's (`tessera_runtime::dequantize_row`), the same reference the GPU
 //! kernels are tested against. What the quantizers need beyond encoding is the grid of one
