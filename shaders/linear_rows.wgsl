@@ -46,11 +46,11 @@ fn main(
     for (var r = 0u; r < TM; r++) {
         acc[r] = 0.0;
     }
-    // Whole blocks of 32 through `dequant_block`, then any groups of four left (F32 and F16
+    // Whole groups of 32 through `dequant_group`, then any groups of four left (F32 and F16
     // rows need not be whole blocks).
     let blocks = p.k / 32u;
     for (var b = 0u; b < blocks; b++) {
-        let w = dequant_block(row + b * BLOCK_BYTES);
+        let w = dequant_group(row, b);
         for (var r = 0u; r < TM; r++) {
             if (r < rows) {
                 let xr = xb + r * xs + 8u * b;

@@ -1,9 +1,22 @@
 // In-register dequantisation of GGUF weight rows, shared by the kernels that read weights.
 //
 // The including kernel declares `weights: array<u32>` (the tensor's GGUF bytes, little-endian
-// words) and the defines WTYPE (GGML type id: 0 F32, 1 F16, 2 Q4_0, 3 Q4_1, 8 Q8_0) and
-// BLOCK_BYTES (bytes per 32 elements). Rows are addressed by their byte offset; Q8_0 and Q4_0
-// blocks are only 2-byte aligned, so words are read through `read_u32_at`.
+// words) and the defines WTYPE (GGML type id: 0 F32, 1 F16, 2 Q4_0, 3 Q4_1, 6 Q5_0, 7 Q5_1,
+// 8 Q8_0, 10 Q2_K, 11 Q3_K, 12 Q4_K, 13 Q5_K, 14 Q6_K, 20 IQ4_NL) and BLOCK_BYTES (bytes per
+// GGUF block: 32 elements, or a 256-element super-block for K-quants; 32 elements of F32/F16).
+// Rows are addressed by their byte offset and read in groups of 32 elements (`dequant_group`,
+// group b of a K-quant row is sub-block b % 8 of super-block b / 8) or of 4 (`dequant4`).
+// Blocks of Q4_0, Q5_0, Q8_0, IQ4_NL, Q3_K and Q6_K are only 2-byte aligned, so words are read
+// at 2-byte offsets through `read_u32_at` and `words8`. Layouts: ggml's `ggml-common.h`.
+
+// True for the K-quants, whose 32-element groups live inside 256-element super-blocks.
+const K_QUANT: bool = WTYPE >= 10u && WTYPE <= 14u;
+
+// IQ4_NL's non-linear levels by 4-bit code (`kvalues_iq4nl` in ggml).
+const IQ4_NL_LEVELS = array<f32, 16>(
+    -127.0, -104.0, -83.0, -65.0, -49.0, -35.0, -22.0, -10.0,
+    1.0, 13.0, 25.0, 38.0, 53.0, 69.0, 89.0, 113.0,
+);
 
 // The 32-bit word at a 2-byte-aligned byte offset. Types whose blocks keep 4-byte alignment
 // read one word; the others read two and shift, without a branch that would split SIMD lanes.
@@ -24,6 +37,27 @@ fn read_f16_at(byte: u32) -> f32 {
     return unpack2x16float(word >> ((byte & 2u) * 8u)).x;
 }
 
+// Eight consecutive words from a 2-byte-aligned byte offset: eight loads for 4-byte-aligned
+// types, nine shifted into place for the others.
+fn words8(byte: u32) -> array<u32, 8> {
+    var out: array<u32, 8>;
+    let base = byte >> 2u;
+    if (BLOCK_BYTES % 4u == 0u) {
+        for (var j = 0u; j < 8u; j++) {
+            out[j] = weights[base + j];
+        }
+        return out;
+    }
+    let odd = (byte & 2u) != 0u;
+    var lo = weights[base];
+    for (var j = 0u; j < 8u; j++) {
+        let hi = weights[base + 1u + j];
+        out[j] = select(lo, (lo >> 16u) | (hi << 16u), odd);
+        lo = hi;
+    }
+    return out;
+}
+
 // Four signed bytes of a word, as f32.
 fn i8x4(q: u32) -> vec4<f32> {
     let s = bitcast<i32>(q);
@@ -35,14 +69,131 @@ fn i8x4(q: u32) -> vec4<f32> {
     );
 }
 
+// Four unsigned bytes of a word, as f32.
+fn u8x4(q: u32) -> vec4<f32> {
+    return vec4<f32>(
+        f32(q & 255u),
+        f32((q >> 8u) & 255u),
+        f32((q >> 16u) & 255u),
+        f32(q >> 24u),
+    );
+}
+
 // Four unsigned nibbles, taken from the low nibble of each byte of `q`.
 fn u4x4(q: u32) -> vec4<f32> {
+    return u8x4(q & 0x0f0f0f0fu);
+}
+
+// IQ4_NL levels of the low nibbles of the bytes of `q`.
+fn iq4x4(q: u32) -> vec4<f32> {
     return vec4<f32>(
-        f32(q & 15u),
-        f32((q >> 8u) & 15u),
-        f32((q >> 16u) & 15u),
-        f32((q >> 24u) & 15u),
+        IQ4_NL_LEVELS[q & 15u],
+        IQ4_NL_LEVELS[(q >> 8u) & 15u],
+        IQ4_NL_LEVELS[(q >> 16u) & 15u],
+        IQ4_NL_LEVELS[(q >> 24u) & 15u],
     );
+}
+
+// The low four bits of `bits` spread to bit 0 of each byte.
+fn bits4(bits: u32) -> u32 {
+    return (bits & 1u) | ((bits & 2u) << 7u) | ((bits & 4u) << 14u) | ((bits & 8u) << 21u);
+}
+
+// Q5_0 and Q5_1: elements 4j .. 4j+3 of a block from its packed fifth bits `qh` (bit e for
+// element e) and the word of nibbles `qs` that holds them.
+fn q5x4(qh: u32, qs: u32, j: u32) -> vec4<f32> {
+    let low = (qs >> ((j >> 2u) * 4u)) & 0x0f0f0f0fu;
+    return u8x4(low | (bits4(qh >> (4u * j)) << 4u));
+}
+
+// Q2_K sub-block s of the super-block at byte `sb`: (d * scale, dmin * min) of its first 16
+// elements in xy and of its last 16 in zw. Scales sit in bytes 0..16, one byte per 16
+// elements (scale in the low nibble, min in the high one); d and dmin at byte 80.
+fn q2k_scales(sb: u32, s: u32) -> vec4<f32> {
+    let dm = unpack2x16float(weights[(sb + 80u) >> 2u]);
+    let sc = weights[(sb >> 2u) + (s >> 1u)] >> ((s & 1u) * 16u);
+    let sc0 = sc & 255u;
+    let sc1 = (sc >> 8u) & 255u;
+    return vec4<f32>(
+        dm.x * f32(sc0 & 15u),
+        dm.y * f32(sc0 >> 4u),
+        dm.x * f32(sc1 & 15u),
+        dm.y * f32(sc1 >> 4u),
+    );
+}
+
+// Q3_K sub-block s: d * (scale - 32) of its two halves of 16. The 16 six-bit scales at byte 96
+// keep their low nibbles in bytes 0..8 (scales 8..15 in the high nibbles) and their top bits in
+// bytes 8..12 (two bits per scale, scale i at bits 2 (i / 4)); d is at byte 108.
+fn q3k_scales(sb: u32, s: u32) -> vec2<f32> {
+    let d = read_f16_at(sb + 108u);
+    let low = read_u32_at(sb + 96u + 2u * (s & 3u)) >> (4u * (s >> 2u));
+    let high = read_u32_at(sb + 104u + 2u * (s & 1u)) >> (2u * (s >> 1u));
+    let sc0 = i32((low & 15u) | ((high & 3u) << 4u)) - 32;
+    let sc1 = i32(((low >> 8u) & 15u) | (((high >> 8u) & 3u) << 4u)) - 32;
+    return vec2<f32>(d * f32(sc0), d * f32(sc1));
+}
+
+// Q4_K and Q5_K sub-block s: (d * scale, dmin * min). d and dmin fill word 0; the 6-bit
+// scales and mins of sub-blocks 0..3 are the low bits of bytes 4..8 and 8..12, those of 4..7
+// take their low nibbles from bytes 12..16 and their top two bits from the bytes of 0..3.
+fn q45k_scales(sb: u32, s: u32) -> vec2<f32> {
+    let base = sb >> 2u;
+    let dm = unpack2x16float(weights[base]);
+    let shift = 8u * (s & 3u);
+    let a = (weights[base + 1u] >> shift) & 255u;
+    let b = (weights[base + 2u] >> shift) & 255u;
+    let c = (weights[base + 3u] >> shift) & 255u;
+    let high = s >= 4u;
+    let sc = select(a & 63u, (c & 15u) | ((a >> 6u) << 4u), high);
+    let m = select(b & 63u, (c >> 4u) | ((b >> 6u) << 4u), high);
+    return vec2<f32>(dm.x * f32(sc), dm.y * f32(m));
+}
+
+// Q6_K sub-block s: d * scale of its two halves of 16. The signed scales sit at byte 192, one
+// per 16 elements; d is at byte 208.
+fn q6k_scales(sb: u32, s: u32) -> vec2<f32> {
+    let d = read_f16_at(sb + 208u);
+    let sc = bitcast<i32>(read_u32_at(sb + 192u + 2u * s));
+    return vec2<f32>(d * f32(extractBits(sc, 0u, 8u)), d * f32(extractBits(sc, 8u, 8u)));
+}
+
+// K-quants: elements 4j .. 4j+3 of sub-block s of the super-block at byte `sb`.
+// Q2_K and Q3_K: each 32-byte run of 2-bit codes serves 128 elements, 2 bits per sub-block;
+// Q3_K's high bits are bit s of bytes 0..32, and a clear bit subtracts 4. Q4_K and Q5_K: each
+// 32-byte run of nibbles serves two sub-blocks, low nibbles first; Q5_K's fifth bits are bit s
+// of bytes 16..48. Q6_K: each half of 128 elements has 64 bytes of low nibbles and 32 bytes of
+// 2-bit high parts; its quarter t takes nibble t / 2 of bytes 32 (t % 2) .. and bits 2t.
+fn dequant4_k(sb: u32, s: u32, j: u32) -> vec4<f32> {
+    let half = j >> 2u;
+    if (WTYPE == 10u) {
+        let dm = q2k_scales(sb, s);
+        let q = (read_u32_at(sb + 16u + 32u * (s >> 2u) + 4u * j) >> (2u * (s & 3u))) & 0x03030303u;
+        let dl = select(dm.xy, dm.zw, half == 1u);
+        return dl.x * u8x4(q) - dl.y;
+    }
+    if (WTYPE == 11u) {
+        let dl = q3k_scales(sb, s)[half];
+        let hm = (read_u32_at(sb + 4u * j) >> s) & 0x01010101u;
+        let q = (read_u32_at(sb + 32u + 32u * (s >> 2u) + 4u * j) >> (2u * (s & 3u))) & 0x03030303u;
+        return dl * (u8x4(q | (hm << 2u)) - 4.0);
+    }
+    if (WTYPE == 12u || WTYPE == 13u) {
+        let dm = q45k_scales(sb, s);
+        let qs_at = select(16u, 48u, WTYPE == 13u);
+        var q = (weights[(sb + qs_at + 32u * (s >> 1u) + 4u * j) >> 2u] >> (4u * (s & 1u))) & 0x0f0f0f0fu;
+        if (WTYPE == 13u) {
+            q |= ((weights[(sb + 16u + 4u * j) >> 2u] >> s) & 0x01010101u) << 4u;
+        }
+        return dm.x * u8x4(q) - dm.y;
+    }
+    // Q6_K.
+    let dl = q6k_scales(sb, s)[half];
+    let h = s >> 2u;
+    let t = s & 3u;
+    let low = (read_u32_at(sb + 64u * h + 32u * (t & 1u) + 4u * j) >> (4u * (t >> 1u))) & 0x0f0f0f0fu;
+    let high = (read_u32_at(sb + 128u + 32u * h + 4u * j) >> (2u * t)) & 0x03030303u;
+    return dl * (u8x4(low | (high << 4u)) - 32.0);
 }
 
 // Elements 4g .. 4g+3 of the row that starts at byte `row`. For F32 and F16 a row of k elements
@@ -56,6 +207,9 @@ fn dequant4(row: u32, g: u32) -> vec4<f32> {
         let b = row + g * 8u;
         return vec4<f32>(unpack2x16float(read_u32_at(b)), unpack2x16float(read_u32_at(b + 4u)));
     }
+    if (K_QUANT) {
+        return dequant4_k(row + (g >> 6u) * BLOCK_BYTES, (g >> 3u) & 7u, g & 7u);
+    }
     let block = row + (g >> 3u) * BLOCK_BYTES;
     let j = g & 7u;
     if (WTYPE == 8u) {
@@ -68,19 +222,92 @@ fn dequant4(row: u32, g: u32) -> vec4<f32> {
         let q = read_u32_at(block + 2u + 4u * (j & 3u)) >> ((j >> 2u) * 4u);
         return read_f16_at(block) * (u4x4(q) - 8.0);
     }
+    if (WTYPE == 20u) {
+        // IQ4_NL: nibbles as in Q4_0; x = d * level(q).
+        let q = read_u32_at(block + 2u + 4u * (j & 3u)) >> ((j >> 2u) * 4u);
+        return read_f16_at(block) * iq4x4(q);
+    }
+    if (WTYPE == 6u) {
+        // Q5_0: f16 d, 4 bytes of fifth bits, then nibbles as in Q4_0; x = d * (q - 16).
+        let q = q5x4(read_u32_at(block + 2u), read_u32_at(block + 6u + 4u * (j & 3u)), j);
+        return read_f16_at(block) * (q - 16.0);
+    }
+    if (WTYPE == 7u) {
+        // Q5_1: f16 d, f16 m, 4 bytes of fifth bits, then nibbles; x = d * q + m.
+        let base = block >> 2u;
+        let dm = unpack2x16float(weights[base]);
+        return dm.x * q5x4(weights[base + 1u], weights[base + 2u + (j & 3u)], j) + dm.y;
+    }
     // Q4_1: f16 d, f16 m, then 16 bytes laid out as in Q4_0; x = d * q + m.
     let dm = unpack2x16float(read_u32_at(block));
     let q = read_u32_at(block + 4u + 4u * (j & 3u)) >> ((j >> 2u) * 4u);
     return dm.x * u4x4(q) + dm.y;
 }
 
-// The 32 elements of the block of a quantised type that starts at byte `block`, as 8 vec4s
-// (elements 4j .. 4j+3 in slot j), with as few word loads as the layout allows: a Q4_1 block is
-// 5 words; Q4_0 and Q8_0 blocks, which may start at a 2-byte offset, are read as 5 and 9 whole
-// words and shifted. Invocations that each own a row pay one load per word, so this matters
-// more than arithmetic on devices that run invocations as SIMD lanes.
-fn dequant_block(block: u32) -> array<vec4<f32>, 8> {
+// Sub-block s of the K-quant super-block at byte `sb`, as 8 vec4s, each word loaded once.
+fn dequant_group_k(sb: u32, s: u32) -> array<vec4<f32>, 8> {
     var out: array<vec4<f32>, 8>;
+    if (WTYPE == 10u) {
+        let dm = q2k_scales(sb, s);
+        let q = words8(sb + 16u + 32u * (s >> 2u));
+        for (var j = 0u; j < 8u; j++) {
+            let dl = select(dm.xy, dm.zw, j >= 4u);
+            out[j] = dl.x * u8x4((q[j] >> (2u * (s & 3u))) & 0x03030303u) - dl.y;
+        }
+        return out;
+    }
+    if (WTYPE == 11u) {
+        let dl = q3k_scales(sb, s);
+        let hm = words8(sb);
+        let q = words8(sb + 32u + 32u * (s >> 2u));
+        for (var j = 0u; j < 8u; j++) {
+            let code = ((q[j] >> (2u * (s & 3u))) & 0x03030303u) | (((hm[j] >> s) & 0x01010101u) << 2u);
+            out[j] = dl[j >> 2u] * (u8x4(code) - 4.0);
+        }
+        return out;
+    }
+    if (WTYPE == 12u || WTYPE == 13u) {
+        let dm = q45k_scales(sb, s);
+        let qs_at = select(16u, 48u, WTYPE == 13u);
+        let q = words8(sb + qs_at + 32u * (s >> 1u));
+        var qh: array<u32, 8>;
+        if (WTYPE == 13u) {
+            qh = words8(sb + 16u);
+        }
+        for (var j = 0u; j < 8u; j++) {
+            var code = (q[j] >> (4u * (s & 1u))) & 0x0f0f0f0fu;
+            if (WTYPE == 13u) {
+                code |= ((qh[j] >> s) & 0x01010101u) << 4u;
+            }
+            out[j] = dm.x * u8x4(code) - dm.y;
+        }
+        return out;
+    }
+    // Q6_K.
+    let dl = q6k_scales(sb, s);
+    let h = s >> 2u;
+    let t = s & 3u;
+    let low = words8(sb + 64u * h + 32u * (t & 1u));
+    let high = words8(sb + 128u + 32u * h);
+    for (var j = 0u; j < 8u; j++) {
+        let code = ((low[j] >> (4u * (t >> 1u))) & 0x0f0f0f0fu) | (((high[j] >> (2u * t)) & 0x03030303u) << 4u);
+        out[j] = dl[j >> 2u] * (u8x4(code) - 32.0);
+    }
+    return out;
+}
+
+// The 32 elements of group b of the row that starts at byte `row`, as 8 vec4s (elements
+// 4j .. 4j+3 in slot j), with as few word loads as the layout allows: a Q4_1 block is 5 words;
+// Q4_0, IQ4_NL and Q8_0 blocks, which may start at a 2-byte offset, are read as 5 and 9 whole
+// words and shifted; Q5_0 and Q5_1 blocks as 6. Invocations that each own a row pay one load per
+// word, so this matters more than arithmetic on devices that run invocations as SIMD lanes.
+// K-quants reload their super-block's scale words for each of its 8 groups.
+fn dequant_group(row: u32, b: u32) -> array<vec4<f32>, 8> {
+    if (K_QUANT) {
+        return dequant_group_k(row + (b >> 3u) * BLOCK_BYTES, b & 7u);
+    }
+    var out: array<vec4<f32>, 8>;
+    let block = row + b * BLOCK_BYTES;
     let base = block >> 2u;
     let odd = (block & 2u) != 0u;
     if (WTYPE == 3u) {
@@ -92,16 +319,46 @@ fn dequant_block(block: u32) -> array<vec4<f32>, 8> {
         }
         return out;
     }
-    if (WTYPE == 2u) {
+    if (WTYPE == 2u || WTYPE == 20u) {
         let w0 = weights[base];
         let d = unpack2x16float(select(w0, w0 >> 16u, odd)).x;
         var lo = w0;
         for (var j = 0u; j < 4u; j++) {
             let hi = weights[base + 1u + j];
             let q = select((lo >> 16u) | (hi << 16u), hi, odd);
-            out[j] = d * (u4x4(q) - 8.0);
-            out[j + 4u] = d * (u4x4(q >> 4u) - 8.0);
+            if (WTYPE == 2u) {
+                out[j] = d * (u4x4(q) - 8.0);
+                out[j + 4u] = d * (u4x4(q >> 4u) - 8.0);
+            } else {
+                out[j] = d * iq4x4(q);
+                out[j + 4u] = d * iq4x4(q >> 4u);
+            }
             lo = hi;
+        }
+        return out;
+    }
+    if (WTYPE == 6u) {
+        // Six words cover the 22 bytes at either alignment; the fifth bits start at byte 2.
+        var w: array<u32, 6>;
+        for (var i = 0u; i < 6u; i++) {
+            w[i] = weights[base + i];
+        }
+        let d = unpack2x16float(select(w[0], w[0] >> 16u, odd)).x;
+        let qh = select((w[0] >> 16u) | (w[1] << 16u), w[1], odd);
+        for (var j = 0u; j < 4u; j++) {
+            let qs = select((w[1u + j] >> 16u) | (w[2u + j] << 16u), w[2u + j], odd);
+            out[j] = d * (q5x4(qh, qs, j) - 16.0);
+            out[j + 4u] = d * (q5x4(qh, qs, j + 4u) - 16.0);
+        }
+        return out;
+    }
+    if (WTYPE == 7u) {
+        let dm = unpack2x16float(weights[base]);
+        let qh = weights[base + 1u];
+        for (var j = 0u; j < 4u; j++) {
+            let qs = weights[base + 2u + j];
+            out[j] = dm.x * q5x4(qh, qs, j) + dm.y;
+            out[j + 4u] = dm.x * q5x4(qh, qs, j + 4u) + dm.y;
         }
         return out;
     }
@@ -116,9 +373,9 @@ fn dequant_block(block: u32) -> array<vec4<f32>, 8> {
         }
         return out;
     }
-    // F32 and F16 (blocks of 32 elements): through the general path.
+    // F32 and F16 (groups of 32 elements): through the general path.
     for (var j = 0u; j < 8u; j++) {
-        out[j] = dequant4(block, j);
+        out[j] = dequant4(row, 8u * b + j);
     }
     return out;
 }

@@ -166,7 +166,13 @@ mod tests {
     #[test]
     fn matvec_matches_cpu_reference_for_every_type_on_odd_shapes() {
         for dtype in DType::ALL {
-            for (i, &(n, k)) in [(37, 96), (1, 32), (201, 544)].iter().enumerate() {
+            // K-quant rows are whole 256-element super-blocks.
+            let shapes = if dtype.block_size() == 256 {
+                [(37, 512), (1, 256), (201, 768)]
+            } else {
+                [(37, 96), (1, 32), (201, 544)]
+            };
+            for (i, &(n, k)) in shapes.iter().enumerate() {
                 for m in [1, 3] {
                     for gpu in gpus() {
                         check(gpu, dtype, m, n, k, 10 * i as u64 + m as u64);
@@ -191,7 +197,12 @@ mod tests {
     #[test]
     fn matmul_matches_cpu_reference_for_every_type_on_odd_shapes() {
         for dtype in DType::ALL {
-            for (m, n, k) in [(5, 37, 96), (33, 65, 160), (70, 3, 32), (17, 130, 64)] {
+            let shapes = if dtype.block_size() == 256 {
+                [(5, 37, 512), (33, 65, 768), (70, 3, 256), (17, 130, 512)]
+            } else {
+                [(5, 37, 96), (33, 65, 160), (70, 3, 32), (17, 130, 64)]
+            };
+            for (m, n, k) in shapes {
                 for gpu in gpus() {
                     check(gpu, dtype, m, n, k, (m * n) as u64);
                 }
