@@ -2,4 +2,5 @@
 //! quantization and training. This crate re-exports the workspace's public API.
 
 pub use tessera_models as models;
+pub use tessera_quant as quant;
 pub use tessera_runtime as runtime;
