@@ -705,15 +705,31 @@ fn k4_pack_scale_min(scales: &mut [u8], j: usize, ls: u8, lm: u8) {
     }
 }
 
+/// What differs between Q4_K's and Q5_K's scale searches.
+struct K4Search {
+    /// Largest code (15 or 31).
+    nmax: i32,
+    /// The reference quantizer's trial scales.
+    reference_steps: ScaleSteps,
+    /// Whether the weighted path caps the 6-bit scale codes at 63 (ggml does for Q5_K only;
+    /// they exceed it only when a wrapped negative code came out of the search, which Q4_K then
+    /// stores as it is).
+    cap_weighted_codes: bool,
+}
+
 /// The scale search shared by Q4_K and Q5_K: stores d, dmin and the packed sub-block scales and
 /// returns the codes (0 ..= `nmax`) of every element under them.
 fn k4_encode_scales(
     x: &[f32],
     importance: Option<&[f32]>,
-    nmax: i32,
-    reference_steps: ScaleSteps,
+    search: &K4Search,
     block: &mut [u8],
 ) -> [u8; QK_K] {
+    let K4Search {
+        nmax,
+        reference_steps,
+        cap_weighted_codes,
+    } = *search;
     let mut levels = [0u8; QK_K];
     let mut scales = [0.0f32; QK_K / 32];
     let mut mins = [0.0f32; QK_K / 32];
@@ -772,9 +788,7 @@ fn k4_encode_scales(
             let dmin = make_qp_quants(&mins, 63, &mut lm, &sw);
             let packed = &mut block[K4_SCALES..K4_SCALES + 12];
             for j in 0..QK_K / 32 {
-                // ggml caps the codes at 63 for Q5_K only; make_qp_quants keeps them there
-                // unless a scale was negative, where Q4_K would store the wrapped byte.
-                let (ls, lm) = if nmax == 31 {
+                let (ls, lm) = if cap_weighted_codes {
                     (ls[j].min(63), lm[j].min(63))
                 } else {
                     (ls[j], lm[j])
@@ -830,12 +844,16 @@ const Q4K_QS: usize = 16;
 pub struct Q4K;
 
 fn q4k_encode_block(x: &[f32], importance: Option<&[f32]>, block: &mut [u8]) {
-    let steps = ScaleSteps {
-        rmin: -1.0,
-        rdelta: 0.1,
-        nstep: 20,
+    let search = K4Search {
+        nmax: 15,
+        reference_steps: ScaleSteps {
+            rmin: -1.0,
+            rdelta: 0.1,
+            nstep: 20,
+        },
+        cap_weighted_codes: false,
     };
-    let levels = k4_encode_scales(x, importance, 15, steps, block);
+    let levels = k4_encode_scales(x, importance, &search, block);
     let qs = &mut block[Q4K_QS..Q4K_QS + 128];
     for c in 0..4 {
         for l in 0..32 {
@@ -871,12 +889,16 @@ const Q5K_QS: usize = 48;
 pub struct Q5K;
 
 fn q5k_encode_block(x: &[f32], importance: Option<&[f32]>, block: &mut [u8]) {
-    let steps = ScaleSteps {
-        rmin: -0.5,
-        rdelta: 0.1,
-        nstep: 15,
+    let search = K4Search {
+        nmax: 31,
+        reference_steps: ScaleSteps {
+            rmin: -0.5,
+            rdelta: 0.1,
+            nstep: 15,
+        },
+        cap_weighted_codes: true,
     };
-    let levels = k4_encode_scales(x, importance, 31, steps, block);
+    let levels = k4_encode_scales(x, importance, &search, block);
     let (qh, qs) = block[Q5K_QH..Q5K_QS + 128].split_at_mut(32);
     qh.fill(0);
     for c in 0..4 {
