@@ -552,7 +552,7 @@ fn stats_command(args: StatsArgs) -> Result<()> {
     let md = study.markdown();
     write_file(&args.out_dir.join("stats.md"), md.as_bytes())?;
     write_file(&args.out_dir.join("stats.json"), serde_json::to_string(&study)?.as_bytes())?;
-    for (name, svg) in study.plots()? {
+    for (name, svg) in study.plots().map_err(|e| anyhow::anyhow!("drawing the plots: {e}"))? {
         write_file(&args.out_dir.join(name), svg.as_bytes())?;
     }
     out(md.trim_end())?;
