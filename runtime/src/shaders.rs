@@ -26,6 +26,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ),
     ("softmax", include_str!("../../shaders/softmax.wgsl")),
     ("argmax", include_str!("../../shaders/argmax.wgsl")),
+    ("stats", include_str!("../../shaders/stats.wgsl")),
 ];
 
 /// Kernel families whose source calls the block dequantisation in `quant.wgsl`.
@@ -102,6 +103,10 @@ mod tests {
                 all.push(("attention", vec![("WG", wg), ("HD", hd)]));
             }
             all.push(("attention_rows", vec![("HD", hd)]));
+        }
+        for (ch, rs, t) in [(32, 8, 16), (32, 2, 8), (1, 1, 8)] {
+            let defines = vec![("CH", ch), ("RS", rs), ("T", t), ("RT", 16), ("TB", 8)];
+            all.push(("stats", defines));
         }
         all.push(("rope", vec![]));
         all.push(("elementwise", vec![]));

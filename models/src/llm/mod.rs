@@ -6,6 +6,7 @@ pub mod config;
 pub mod generate;
 pub mod load;
 pub mod model;
+pub mod observe;
 pub mod perplexity;
 pub mod sampler;
 pub mod tokenizer;
@@ -13,6 +14,7 @@ pub mod tokenizer;
 pub use config::{LlamaConfig, SUPPORTED_ARCHITECTURES};
 pub use load::LoadedModel;
 pub use model::{LlamaModel, Logits, Session};
+pub use observe::{Observations, ObserveOptions, Site, SiteObservation};
 
 use tessera_runtime::io::gguf::GgufError;
 use tessera_runtime::RuntimeError;

@@ -1,7 +1,9 @@
 //! The llama-family graph on the runtime's kernels: weights loaded from GGUF, and a session that
 //! holds the KV cache and runs prefill (in micro-batches) and decode.
 //!
-//! A micro-batch is one submit. Logits are computed only for the positions asked for.
+//! A micro-batch is one submit. Logits are computed only for the positions asked for. A session
+//! told to [`observe`](Session::observe) also records statistics of every linear layer's input
+//! into that submit (see [`observe`](crate::llm::observe)).
 
 use std::sync::Arc;
 
@@ -9,6 +11,7 @@ use tessera_runtime::io::gguf::GgufFile;
 use tessera_runtime::ops::{self, AttentionParams, LinearOut, RopeParams};
 use tessera_runtime::{dequantize_row, DType, Gpu, Recorder, Tensor, Weight};
 
+use crate::llm::observe::{Observations, ObserveOptions, Observer, Pending, Site};
 use crate::llm::{LlamaConfig, LlmError};
 
 /// Tokens per micro-batch of prefill, as llama.cpp's default `n_ubatch`.
@@ -220,6 +223,7 @@ pub struct Session<'m> {
     k_cache: Vec<Tensor>,
     v_cache: Vec<Tensor>,
     scratch: Scratch,
+    observer: Option<Observer>,
 }
 
 impl<'m> Session<'m> {
@@ -257,7 +261,43 @@ impl<'m> Session<'m> {
             k_cache,
             v_cache,
             scratch,
+            observer: None,
         })
+    }
+
+    /// Starts gathering statistics of every linear layer's input from the next `eval` on,
+    /// forgetting what an earlier `observe` gathered.
+    pub fn observe(&mut self, options: ObserveOptions) -> Result<(), LlmError> {
+        let c = &self.model.config;
+        let dq = c.n_head * c.head_dim;
+        let mut widths = [0; 4];
+        for site in Site::ALL {
+            widths[site as usize] = match site {
+                Site::AttnNorm | Site::FfnNorm => c.n_embd,
+                Site::Attention => dq,
+                Site::SwiGlu => c.n_ff,
+            };
+        }
+        self.observer = Some(Observer::new(&self.model.gpu, options, c.n_layer, widths)?);
+        Ok(())
+    }
+
+    /// What the session observed since [`observe`](Self::observe), keyed by layer and site.
+    pub fn observations(&self) -> Result<Observations, LlmError> {
+        match &self.observer {
+            Some(o) => o.observations(&self.model.gpu),
+            None => Err(LlmError::BadInput(
+                "the session is not observing: call observe before eval".into(),
+            )),
+        }
+    }
+
+    /// Accumulates what a submitted micro-batch observed.
+    fn absorb(&mut self, pending: Option<Pending>, bytes: &[Vec<u8>]) -> Result<(), LlmError> {
+        match (&mut self.observer, pending) {
+            (Some(o), Some(p)) => o.absorb(p, bytes),
+            _ => Ok(()),
+        }
     }
 
     pub fn n_ctx(&self) -> usize {
@@ -305,7 +345,7 @@ impl<'m> Session<'m> {
             let is_last = i + 1 == chunks.len();
             let gpu = &self.model.gpu;
             let mut rec = Recorder::new(gpu);
-            self.record_batch(&mut rec, chunk)?;
+            let mut pending = self.record_batch(&mut rec, chunk)?;
             match logits {
                 Logits::All => {
                     // The logits of a batch may exceed one binding: project them in row slices.
@@ -338,6 +378,8 @@ impl<'m> Session<'m> {
                         )?;
                         let id = rec.read(&logits_t, 0, n * n_vocab);
                         let bytes = std::mem::replace(&mut rec, Recorder::new(gpu)).submit()?;
+                        // The batch's observations ride on its first submit.
+                        self.absorb(pending.take(), &bytes)?;
                         out.extend_from_slice(
                             bytemuck::pod_collect_to_vec::<u8, f32>(&bytes[id.index()]).as_slice(),
                         );
@@ -348,9 +390,11 @@ impl<'m> Session<'m> {
                     let id = rec.read(&self.scratch.logits_last, 0, n_vocab);
                     let bytes = rec.submit()?;
                     out = bytemuck::pod_collect_to_vec(&bytes[id.index()]);
+                    self.absorb(pending, &bytes)?;
                 }
                 _ => {
-                    rec.submit()?;
+                    let bytes = rec.submit()?;
+                    self.absorb(pending, &bytes)?;
                 }
             }
             self.n_past += chunk.len();
@@ -371,12 +415,13 @@ impl<'m> Session<'m> {
         self.check_fits(tail)?;
         let n_vocab = self.model.config.n_vocab;
         let mut rec = Recorder::new(&self.model.gpu);
-        self.record_batch(&mut rec, tail)?;
+        let pending = self.record_batch(&mut rec, tail)?;
         self.record_logits_last(&mut rec, 1)?;
         let s = &self.scratch;
         ops::argmax(&mut rec, &s.logits_last, 0, 1, n_vocab, &s.token)?;
         let id = rec.read(&s.token, 0, 1);
         let bytes = rec.submit()?;
+        self.absorb(pending, &bytes)?;
         self.n_past += 1;
         let token: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes[id.index()]);
         token
@@ -385,8 +430,13 @@ impl<'m> Session<'m> {
             .ok_or_else(|| LlmError::BadConfig("empty readback".into()))
     }
 
-    /// Records the layers for one micro-batch at position `n_past`.
-    fn record_batch(&self, rec: &mut Recorder, tokens: &[u32]) -> Result<(), LlmError> {
+    /// Records the layers for one micro-batch at position `n_past`, with the observations of an
+    /// observing session (absorb them from the submit's reads).
+    fn record_batch(
+        &self,
+        rec: &mut Recorder,
+        tokens: &[u32],
+    ) -> Result<Option<Pending>, LlmError> {
         let m = &self.model;
         let c = &m.config;
         let s = &self.scratch;
@@ -397,6 +447,13 @@ impl<'m> Session<'m> {
         let (dq, dkv) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
 
         gpu.write_u32(&s.ids, tokens)?;
+        let observer = self.observer.as_ref();
+        let mut pending = observer.map(|o| o.begin(gpu, n)).transpose()?;
+        let observe =
+            |rec: &mut Recorder, l: usize, site: Site, x: &Tensor| match (observer, &pending) {
+                (Some(o), Some(p)) => o.record(rec, p, l, site, x),
+                _ => Ok(()),
+            };
         ops::embedding(rec, &m.token_embd, &s.ids, n, &s.x)?;
         let rope = |heads: usize, offset: usize, stride: usize| RopeParams {
             heads,
@@ -436,16 +493,19 @@ impl<'m> Session<'m> {
             let (kc, vc) = (&self.k_cache[l], &self.v_cache[l]);
             // Attention: K and V are written straight into the cache, then rotated there.
             ops::rmsnorm(rec, &s.x, &layer.attn_norm, &s.xn, n, d, c.rms_eps)?;
+            observe(rec, l, Site::AttnNorm, &s.xn)?;
             ops::linear(rec, &layer.attn_q, &s.xn, n, &s.q, LinearOut::dense(dq))?;
             ops::linear(rec, &layer.attn_k, &s.xn, n, kc, to_cache)?;
             ops::linear(rec, &layer.attn_v, &s.xn, n, vc, to_cache)?;
             ops::rope(rec, &s.q, &rope(c.n_head, 0, dq))?;
             ops::rope(rec, kc, &rope(c.n_head_kv, pos0 * dkv, dkv))?;
             ops::attention(rec, &s.q, kc, vc, &s.attn, &attention)?;
+            observe(rec, l, Site::Attention, &s.attn)?;
             ops::linear(rec, &layer.attn_output, &s.attn, n, &s.x, residual)?;
 
             // Feed-forward: SwiGLU, its down projection added into the residual stream.
             ops::rmsnorm(rec, &s.x, &layer.ffn_norm, &s.xn, n, d, c.rms_eps)?;
+            observe(rec, l, Site::FfnNorm, &s.xn)?;
             ops::linear(
                 rec,
                 &layer.ffn_gate,
@@ -456,9 +516,13 @@ impl<'m> Session<'m> {
             )?;
             ops::linear(rec, &layer.ffn_up, &s.xn, n, &s.up, LinearOut::dense(ff))?;
             ops::swiglu(rec, &s.gate, &s.up, n * ff)?;
+            observe(rec, l, Site::SwiGlu, &s.gate)?;
             ops::linear(rec, &layer.ffn_down, &s.gate, n, &s.x, residual)?;
         }
-        Ok(())
+        if let (Some(o), Some(p)) = (observer, &mut pending) {
+            o.finish(rec, p);
+        }
+        Ok(pending)
     }
 
     /// Records the output norm and projection of the batch's last row into `logits_last`.

@@ -12,6 +12,7 @@ pub mod linear;
 pub mod rmsnorm;
 pub mod rope;
 pub mod softmax;
+pub mod stats;
 
 pub use argmax::argmax;
 pub use attention::{attention, AttentionParams};
@@ -21,6 +22,7 @@ pub use linear::{linear, LinearOut};
 pub use rmsnorm::rmsnorm;
 pub use rope::{rope, RopeLayout, RopeParams};
 pub use softmax::softmax;
+pub use stats::{channel_stats, gram};
 
 use crate::error::{Result, RuntimeError};
 use crate::tensor::Tensor;
