@@ -2,3 +2,4 @@
 //! the quantizers (`quant calibrate`).
 
 pub mod codec;
+pub mod imatrix;
