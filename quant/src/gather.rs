@@ -85,19 +85,22 @@ pub fn stats_from_imatrix(im: &Imatrix, file: &GgufFile) -> Result<ModelStats, Q
             )));
         };
         let k = t.dims().first().copied().unwrap_or(0) as usize;
-        if e.sum_sq.len() != k {
+        if e.counts.len() != 1 || e.sum_sq.len() != k {
             return Err(QuantError::Data(format!(
-                "the importance matrix's `{name}` has {} values, the tensor's rows {k}: it was \
-                 made for another model",
-                e.sum_sq.len()
+                "the importance matrix's `{name}` has {} values over {} experts, the tensor's \
+                 rows {k}: it was made for another model",
+                e.sum_sq.len(),
+                e.counts.len()
             )));
         }
+        // llama-quantize reads sum / count as f32; keep the same quotient.
+        let count = e.counts[0].max(1);
         sites.push(SiteStats {
             site: "imatrix".into(),
             tensors: vec![name.clone()],
             k,
-            count: e.count.max(1),
-            sum_sq: e.sum_sq.iter().map(|&v| v as f64).collect(),
+            count,
+            sum_sq: e.importance().iter().map(|&v| v as f64 * count as f64).collect(),
             ..Default::default()
         });
     }
@@ -116,10 +119,7 @@ pub fn imatrix_from_stats(stats: &ModelStats, datasets: &[String], chunk_size: u
         for t in &s.tensors {
             im.entries.insert(
                 t.clone(),
-                ImatrixEntry {
-                    sum_sq: s.sum_sq.iter().map(|&v| v as f32).collect(),
-                    count: s.count,
-                },
+                ImatrixEntry::dense(s.sum_sq.iter().map(|&v| v as f32).collect(), s.count),
             );
         }
     }
