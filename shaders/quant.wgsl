@@ -12,11 +12,13 @@
 // True for the K-quants, whose 32-element groups live inside 256-element super-blocks.
 const K_QUANT: bool = WTYPE >= 10u && WTYPE <= 14u;
 
-// IQ4_NL's non-linear levels by 4-bit code (`kvalues_iq4nl` in ggml).
-const IQ4_NL_LEVELS = array<f32, 16>(
-    -127.0, -104.0, -83.0, -65.0, -49.0, -35.0, -22.0, -10.0,
-    1.0, 13.0, 25.0, 38.0, 53.0, 69.0, 89.0, 113.0,
-);
+// IQ4_NL's 16 non-linear levels (`kvalues_iq4nl` in ggml: -127, -104, -83, -65, -49, -35, -22,
+// -10, 1, 13, 25, 38, 53, 69, 89, 113) as signed bytes packed four to a word. Selecting among
+// words keeps the lookup in registers; an indexed constant array costs a copy per call.
+const IQ4_NL_LEVELS_0: u32 = 0xbfad9881u;
+const IQ4_NL_LEVELS_1: u32 = 0xf6eaddcfu;
+const IQ4_NL_LEVELS_2: u32 = 0x26190d01u;
+const IQ4_NL_LEVELS_3: u32 = 0x71594535u;
 
 // The 32-bit word at a 2-byte-aligned byte offset. Types whose blocks keep 4-byte alignment
 // read one word; the others read two and shift, without a branch that would split SIMD lanes.
@@ -86,12 +88,13 @@ fn u4x4(q: u32) -> vec4<f32> {
 
 // IQ4_NL levels of the low nibbles of the bytes of `q`.
 fn iq4x4(q: u32) -> vec4<f32> {
-    return vec4<f32>(
-        IQ4_NL_LEVELS[q & 15u],
-        IQ4_NL_LEVELS[(q >> 8u) & 15u],
-        IQ4_NL_LEVELS[(q >> 16u) & 15u],
-        IQ4_NL_LEVELS[(q >> 24u) & 15u],
-    );
+    let code = (vec4<u32>(q) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(15u);
+    let upper = (code & vec4<u32>(4u)) != vec4<u32>(0u);
+    let low_words = select(vec4<u32>(IQ4_NL_LEVELS_0), vec4<u32>(IQ4_NL_LEVELS_1), upper);
+    let high_words = select(vec4<u32>(IQ4_NL_LEVELS_2), vec4<u32>(IQ4_NL_LEVELS_3), upper);
+    let words = select(low_words, high_words, (code & vec4<u32>(8u)) != vec4<u32>(0u));
+    let bytes = bitcast<vec4<i32>>(words << ((vec4<u32>(3u) - (code & vec4<u32>(3u))) * 8u));
+    return vec4<f32>(bytes >> vec4<u32>(24u));
 }
 
 // The low four bits of `bits` spread to bit 0 of each byte.
