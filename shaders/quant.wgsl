@@ -304,7 +304,8 @@ fn dequant_group_k(sb: u32, s: u32) -> array<vec4<f32>, 8> {
 // Q4_0, IQ4_NL and Q8_0 blocks, which may start at a 2-byte offset, are read as 5 and 9 whole
 // words and shifted; Q5_0 and Q5_1 blocks as 6. Invocations that each own a row pay one load per
 // word, so this matters more than arithmetic on devices that run invocations as SIMD lanes.
-// K-quants reload their super-block's scale words for each of its 8 groups.
+// K-quants reload, for each of a super-block's 8 groups, its scale words and the code words it
+// shares with sibling groups (2 to 4 loads per word in all): slower per byte than Q4_0 here.
 fn dequant_group(row: u32, b: u32) -> array<vec4<f32>, 8> {
     if (K_QUANT) {
         return dequant_group_k(row + (b >> 3u) * BLOCK_BYTES, b & 7u);
