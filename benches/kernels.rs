@@ -13,10 +13,12 @@ fn gpu() -> Gpu {
 
 fn linear(c: &mut Criterion) {
     let gpu = gpu();
-    let (n, k) = (1536, 576);
+    let n = 1536;
     let mut group = c.benchmark_group("linear");
     group.sample_size(10);
     for dtype in DType::ALL {
+        // K-quant rows are whole 256-element super-blocks: 768 instead of the model's 576.
+        let k = if dtype.block_size() == 256 { 768 } else { 576 };
         let bytes = random_weight(dtype, n, k, 1);
         let w = gpu.upload_weight("w", dtype, n, k, &bytes).unwrap();
         for m in [1, 512] {

@@ -49,7 +49,24 @@ fn main(
     // Whole groups of 32 through `dequant_group`, then any groups of four left (F32 and F16
     // rows need not be whole blocks).
     let blocks = p.k / 32u;
-    for (var b = 0u; b < blocks; b++) {
+    // K-quant rows (whole super-blocks, so an even number of groups) go two groups at a time,
+    // which share their code words.
+    if (K_QUANT) {
+        for (var c = 0u; c < blocks / 2u; c++) {
+            let w = dequant_group_pair(row, c);
+            for (var r = 0u; r < TM; r++) {
+                if (r < rows) {
+                    let xr = xb + r * xs + 16u * c;
+                    var s = vec4<f32>(0.0);
+                    for (var j = 0u; j < 16u; j++) {
+                        s += w[j] * x[xr + j];
+                    }
+                    acc[r] += s.x + s.y + s.z + s.w;
+                }
+            }
+        }
+    }
+    for (var b = select(0u, blocks, K_QUANT); b < blocks; b++) {
         let w = dequant_group(row, b);
         for (var r = 0u; r < TM; r++) {
             if (r < rows) {

@@ -12,11 +12,13 @@
 // True for the K-quants, whose 32-element groups live inside 256-element super-blocks.
 const K_QUANT: bool = WTYPE >= 10u && WTYPE <= 14u;
 
-// IQ4_NL's non-linear levels by 4-bit code (`kvalues_iq4nl` in ggml).
-const IQ4_NL_LEVELS = array<f32, 16>(
-    -127.0, -104.0, -83.0, -65.0, -49.0, -35.0, -22.0, -10.0,
-    1.0, 13.0, 25.0, 38.0, 53.0, 69.0, 89.0, 113.0,
-);
+// IQ4_NL's 16 non-linear levels (`kvalues_iq4nl` in ggml: -127, -104, -83, -65, -49, -35, -22,
+// -10, 1, 13, 25, 38, 53, 69, 89, 113) as signed bytes packed four to a word. Selecting among
+// words keeps the lookup in registers; an indexed constant array costs a copy per call.
+const IQ4_NL_LEVELS_0: u32 = 0xbfad9881u;
+const IQ4_NL_LEVELS_1: u32 = 0xf6eaddcfu;
+const IQ4_NL_LEVELS_2: u32 = 0x26190d01u;
+const IQ4_NL_LEVELS_3: u32 = 0x71594535u;
 
 // The 32-bit word at a 2-byte-aligned byte offset. Types whose blocks keep 4-byte alignment
 // read one word; the others read two and shift, without a branch that would split SIMD lanes.
@@ -86,12 +88,13 @@ fn u4x4(q: u32) -> vec4<f32> {
 
 // IQ4_NL levels of the low nibbles of the bytes of `q`.
 fn iq4x4(q: u32) -> vec4<f32> {
-    return vec4<f32>(
-        IQ4_NL_LEVELS[q & 15u],
-        IQ4_NL_LEVELS[(q >> 8u) & 15u],
-        IQ4_NL_LEVELS[(q >> 16u) & 15u],
-        IQ4_NL_LEVELS[(q >> 24u) & 15u],
-    );
+    let code = (vec4<u32>(q) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(15u);
+    let upper = (code & vec4<u32>(4u)) != vec4<u32>(0u);
+    let low_words = select(vec4<u32>(IQ4_NL_LEVELS_0), vec4<u32>(IQ4_NL_LEVELS_1), upper);
+    let high_words = select(vec4<u32>(IQ4_NL_LEVELS_2), vec4<u32>(IQ4_NL_LEVELS_3), upper);
+    let words = select(low_words, high_words, (code & vec4<u32>(8u)) != vec4<u32>(0u));
+    let bytes = bitcast<vec4<i32>>(words << ((vec4<u32>(3u) - (code & vec4<u32>(3u))) * 8u));
+    return vec4<f32>(bytes >> vec4<u32>(24u));
 }
 
 // The low four bits of `bits` spread to bit 0 of each byte.
@@ -244,54 +247,97 @@ fn dequant4(row: u32, g: u32) -> vec4<f32> {
     return dm.x * u4x4(q) + dm.y;
 }
 
-// Sub-block s of the K-quant super-block at byte `sb`, as 8 vec4s, each word loaded once.
-fn dequant_group_k(sb: u32, s: u32) -> array<vec4<f32>, 8> {
+// Byte offset of the 32 bytes of codes that sub-block s of a K-quant super-block reads: 2-bit
+// codes (Q2_K, Q3_K) serve 4 sub-blocks per run, nibbles (Q4_K, Q5_K) 2, Q6_K's low nibbles 2
+// (sub-blocks s and s + 2 of a half).
+fn k_codes_at(sb: u32, s: u32) -> u32 {
+    switch (WTYPE) {
+        case 10u: { return sb + 16u + 32u * (s >> 2u); }
+        case 11u: { return sb + 32u + 32u * (s >> 2u); }
+        case 12u: { return sb + 16u + 32u * (s >> 1u); }
+        case 13u: { return sb + 48u + 32u * (s >> 1u); }
+        default: { return sb + 64u * (s >> 2u) + 32u * (s & 1u); }
+    }
+}
+
+// True for K-quants with a second run of bits per sub-block: Q3_K's high bits, Q5_K's fifth
+// bits (both shared by all 8 sub-blocks), Q6_K's 2-bit high parts (shared by a half).
+const K_HIGH_BITS: bool = WTYPE == 11u || WTYPE == 13u || WTYPE == 14u;
+
+// Byte offset of the 32 bytes of high bits that sub-block s reads (see `K_HIGH_BITS`).
+fn k_high_bits_at(sb: u32, s: u32) -> u32 {
+    switch (WTYPE) {
+        case 11u: { return sb; }
+        case 13u: { return sb + 16u; }
+        default: { return sb + 128u + 32u * (s >> 2u); }
+    }
+}
+
+// Sub-block s of the K-quant super-block at byte `sb` from its loaded code and high-bit words.
+fn decode_k(sb: u32, s: u32, codes: array<u32, 8>, high: array<u32, 8>) -> array<vec4<f32>, 8> {
     var out: array<vec4<f32>, 8>;
     if (WTYPE == 10u) {
         let dm = q2k_scales(sb, s);
-        let q = words8(sb + 16u + 32u * (s >> 2u));
         for (var j = 0u; j < 8u; j++) {
             let dl = select(dm.xy, dm.zw, j >= 4u);
-            out[j] = dl.x * u8x4((q[j] >> (2u * (s & 3u))) & 0x03030303u) - dl.y;
+            out[j] = dl.x * u8x4((codes[j] >> (2u * (s & 3u))) & 0x03030303u) - dl.y;
         }
-        return out;
-    }
-    if (WTYPE == 11u) {
+    } else if (WTYPE == 11u) {
         let dl = q3k_scales(sb, s);
-        let hm = words8(sb);
-        let q = words8(sb + 32u + 32u * (s >> 2u));
         for (var j = 0u; j < 8u; j++) {
-            let code = ((q[j] >> (2u * (s & 3u))) & 0x03030303u) | (((hm[j] >> s) & 0x01010101u) << 2u);
-            out[j] = dl[j >> 2u] * (u8x4(code) - 4.0);
+            let low = (codes[j] >> (2u * (s & 3u))) & 0x03030303u;
+            out[j] = dl[j >> 2u] * (u8x4(low | (((high[j] >> s) & 0x01010101u) << 2u)) - 4.0);
         }
-        return out;
-    }
-    if (WTYPE == 12u || WTYPE == 13u) {
+    } else if (WTYPE == 12u || WTYPE == 13u) {
         let dm = q45k_scales(sb, s);
-        let qs_at = select(16u, 48u, WTYPE == 13u);
-        let q = words8(sb + qs_at + 32u * (s >> 1u));
-        var qh: array<u32, 8>;
-        if (WTYPE == 13u) {
-            qh = words8(sb + 16u);
-        }
         for (var j = 0u; j < 8u; j++) {
-            var code = (q[j] >> (4u * (s & 1u))) & 0x0f0f0f0fu;
+            var code = (codes[j] >> (4u * (s & 1u))) & 0x0f0f0f0fu;
             if (WTYPE == 13u) {
-                code |= ((qh[j] >> s) & 0x01010101u) << 4u;
+                code |= ((high[j] >> s) & 0x01010101u) << 4u;
             }
             out[j] = dm.x * u8x4(code) - dm.y;
         }
-        return out;
+    } else {
+        let dl = q6k_scales(sb, s);
+        let t = s & 3u;
+        for (var j = 0u; j < 8u; j++) {
+            let low = (codes[j] >> (4u * (t >> 1u))) & 0x0f0f0f0fu;
+            out[j] = dl[j >> 2u] * (u8x4(low | (((high[j] >> (2u * t)) & 0x03030303u) << 4u)) - 32.0);
+        }
     }
-    // Q6_K.
-    let dl = q6k_scales(sb, s);
-    let h = s >> 2u;
-    let t = s & 3u;
-    let low = words8(sb + 64u * h + 32u * (t & 1u));
-    let high = words8(sb + 128u + 32u * h);
+    return out;
+}
+
+// Sub-block s of the K-quant super-block at byte `sb`, as 8 vec4s.
+fn dequant_group_k(sb: u32, s: u32) -> array<vec4<f32>, 8> {
+    var high: array<u32, 8>;
+    if (K_HIGH_BITS) {
+        high = words8(k_high_bits_at(sb, s));
+    }
+    return decode_k(sb, s, words8(k_codes_at(sb, s)), high);
+}
+
+// Groups 2c and 2c + 1 of a K-quant row, as 16 vec4s: the two sub-blocks share their high-bit
+// words and (except Q6_K) their code words, which are loaded once for both. Callers that walk
+// a row in order use this to halve the loads of `dequant_group`.
+fn dequant_group_pair(row: u32, c: u32) -> array<vec4<f32>, 16> {
+    let sb = row + (c >> 2u) * BLOCK_BYTES;
+    let s = 2u * (c & 3u);
+    var high: array<u32, 8>;
+    if (K_HIGH_BITS) {
+        high = words8(k_high_bits_at(sb, s));
+    }
+    let codes = words8(k_codes_at(sb, s));
+    var codes_next = codes;
+    if (WTYPE == 14u) {
+        codes_next = words8(k_codes_at(sb, s + 1u));
+    }
+    let first = decode_k(sb, s, codes, high);
+    let second = decode_k(sb, s + 1u, codes_next, high);
+    var out: array<vec4<f32>, 16>;
     for (var j = 0u; j < 8u; j++) {
-        let code = ((low[j] >> (4u * (t >> 1u))) & 0x0f0f0f0fu) | (((high[j] >> (2u * t)) & 0x03030303u) << 4u);
-        out[j] = dl[j >> 2u] * (u8x4(code) - 32.0);
+        out[j] = first[j];
+        out[j + 8u] = second[j];
     }
     return out;
 }
@@ -301,7 +347,8 @@ fn dequant_group_k(sb: u32, s: u32) -> array<vec4<f32>, 8> {
 // Q4_0, IQ4_NL and Q8_0 blocks, which may start at a 2-byte offset, are read as 5 and 9 whole
 // words and shifted; Q5_0 and Q5_1 blocks as 6. Invocations that each own a row pay one load per
 // word, so this matters more than arithmetic on devices that run invocations as SIMD lanes.
-// K-quants reload their super-block's scale words for each of its 8 groups.
+// K-quants reload, for each group, the code words it shares with sibling groups; walking a row
+// in order, `dequant_group_pair` loads them half as often.
 fn dequant_group(row: u32, b: u32) -> array<vec4<f32>, 8> {
     if (K_QUANT) {
         return dequant_group_k(row + (b >> 3u) * BLOCK_BYTES, b & 7u);

@@ -231,6 +231,8 @@ mod tests {
             for m in [1, 6] {
                 check(&small, DType::Q8_0, m, 300, 96, 3);
                 check(&small, DType::Q4_1, m, 257, 64, 4);
+                // 210-byte rows: every other row of a part starts 2-byte aligned.
+                check(&small, DType::Q6_K, m, 77, 256, 5);
             }
         }
     }
