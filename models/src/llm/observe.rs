@@ -449,9 +449,11 @@ mod tests {
         out
     }
 
-    fn model(layout: KernelLayout) -> LlamaModel {
+    /// The tiny model on a device in `layout`, with storage bindings capped at `max_binding`.
+    fn model(layout: KernelLayout, max_binding: Option<u64>) -> LlamaModel {
         let options = GpuOptions {
             layout: Some(layout),
+            max_binding_override: max_binding,
             ..Default::default()
         };
         let gpu = Arc::new(Gpu::new(&options).expect("a GPU adapter (lavapipe will do)"));
@@ -474,8 +476,15 @@ mod tests {
     #[test]
     fn observed_statistics_equal_those_of_the_captured_rows_and_logits_do_not_change() {
         let toks = tokens(37);
-        for layout in [KernelLayout::Cooperative, KernelLayout::LanePerRow] {
-            let model = model(layout);
+        // 32 KiB bindings split the SwiGLU site's 96 x 96 Gram matrix into two row parts.
+        for (layout, max_binding) in [
+            (KernelLayout::Cooperative, None),
+            (KernelLayout::LanePerRow, Some(32 << 10)),
+        ] {
+            let model = model(layout, max_binding);
+            if max_binding.is_some() {
+                assert!(stats::gram_rows_per_part(model.gpu(), FF) < FF);
+            }
             let mut plain = Session::new(&model, 64).unwrap();
             let want_logits = run(&mut plain, &toks);
             let mut session = Session::new(&model, 64).unwrap();
@@ -549,7 +558,7 @@ mod tests {
 
     #[test]
     fn capture_keeps_only_the_first_rows_and_greedy_steps_are_counted() {
-        let model = model(KernelLayout::LanePerRow);
+        let model = model(KernelLayout::LanePerRow, None);
         let toks = tokens(37);
         let mut full = Session::new(&model, 64).unwrap();
         full.observe(ObserveOptions {
