@@ -11,6 +11,7 @@
 //! The output keeps every metadata key of the source, records its provenance under
 //! `quantize.*`, and is written atomically.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -240,6 +241,7 @@ pub fn quantize_model(
     let mut writer = GgufWriter::with_metadata_of(file);
     set_provenance(&mut writer, plan, stats, source_was_quantized);
     let mut tensors = Vec::with_capacity(infos.len());
+    let mut factors: HashMap<usize, gptq::Factor> = HashMap::new();
     let mut bytes_after = 0u64;
     let mut params = 0u64;
     let total = infos.len();
@@ -271,8 +273,17 @@ pub fn quantize_model(
                         dtype.name()
                     ));
                 }
-                let bytes =
-                    encode_tensor(t.name(), &values[i], rows, k, dtype, plan, stats, log)?;
+                let bytes = encode_tensor(
+                    t.name(),
+                    &values[i],
+                    rows,
+                    k,
+                    dtype,
+                    plan,
+                    stats,
+                    &mut factors,
+                    log,
+                )?;
                 (dtype, bytes, fallback_from)
             }
         };
@@ -316,6 +327,7 @@ fn encode_tensor(
     dtype: DType,
     plan: &Plan,
     stats: Option<&ModelStats>,
+    factors: &mut HashMap<usize, gptq::Factor>,
     log: &mut dyn FnMut(String),
 ) -> Result<Vec<u8>, QuantError> {
     let Some(codec) = codec::for_type(dtype) else {
@@ -329,11 +341,17 @@ fn encode_tensor(
             codec.quantize_rows(w, k, Some(&site.mean_sq()), &mut out)
         }
         (Method::Gptq, Some(site)) if site.gram.is_some() => {
-            let h = site.gram.as_deref().unwrap_or_default();
-            let rep = gptq::quantize(w, rows, k, h, site.count, &codec, plan.gptq, &mut out)?;
-            if rep.damp != plan.gptq.damp {
-                log(format!("{name}: GPTQ damping raised to {}", rep.damp));
+            let index = stats.and_then(|s| s.site_index(name)).unwrap_or(usize::MAX);
+            if let std::collections::hash_map::Entry::Vacant(e) = factors.entry(index) {
+                let h = site.gram.as_deref().unwrap_or_default();
+                let f = gptq::Factor::new(h, site.count, k, plan.gptq)?;
+                if f.damp != plan.gptq.damp {
+                    log(format!("{name}: GPTQ damping raised to {}", f.damp));
+                }
+                e.insert(f);
             }
+            let factor = &factors[&index];
+            let rep = gptq::quantize_with(factor, w, rows, &codec, plan.gptq, &mut out)?;
             if rep.dead > 0 {
                 log(format!("{name}: {} input channels never active; zeroed", rep.dead));
             }

@@ -73,24 +73,42 @@ pub fn cholesky(a: &[f64], k: usize) -> Option<Vec<f64>> {
     Some(l)
 }
 
-/// The upper Cholesky factor U of H^-1 (H^-1 = U^T U), from H's lower factor L.
+/// The upper Cholesky factor U of H^-1 (H^-1 = U^T U), from H's lower factor L. Every loop
+/// runs along rows, so the k^3 work streams through memory.
 fn upper_factor_of_inverse(l: &[f64], k: usize) -> Option<Vec<f64>> {
-    // L^-1 by forward substitution, column by column.
-    let mut li = vec![0.0f64; k * k];
-    for c in 0..k {
-        li[c * k + c] = 1.0 / l[c * k + c];
-        for r in c + 1..k {
-            let s: f64 = (c..r).map(|m| l[r * k + m] * li[m * k + c]).sum();
-            li[r * k + c] = -s / l[r * k + r];
+    // X = L^-1, row by row: X[r] = (e_r - sum_{m<r} L[r][m] X[m]) / L[r][r].
+    let mut x = vec![0.0f64; k * k];
+    for r in 0..k {
+        let (done, rest) = x.split_at_mut(r * k);
+        let xr = &mut rest[..k];
+        xr[r] = 1.0;
+        for m in 0..r {
+            let f = l[r * k + m];
+            if f != 0.0 {
+                for (a, b) in xr[..=m].iter_mut().zip(&done[m * k..m * k + m + 1]) {
+                    *a -= f * b;
+                }
+            }
+        }
+        let d = l[r * k + r];
+        for v in &mut xr[..=r] {
+            *v /= d;
         }
     }
-    // H^-1 = L^-T L^-1.
+    // H^-1 = X^T X, lower half, as a sum of the rank-1 updates X[m]^T X[m].
     let mut hinv = vec![0.0f64; k * k];
+    for m in 0..k {
+        let row = &x[m * k..m * k + m + 1];
+        for i in 0..=m {
+            let f = row[i];
+            for (a, b) in hinv[i * k..i * k + i + 1].iter_mut().zip(&row[..=i]) {
+                *a += f * b;
+            }
+        }
+    }
     for i in 0..k {
-        for j in 0..=i {
-            let s: f64 = (i..k).map(|m| li[m * k + i] * li[m * k + j]).sum();
-            hinv[i * k + j] = s;
-            hinv[j * k + i] = s;
+        for j in 0..i {
+            hinv[j * k + i] = hinv[i * k + j];
         }
     }
     let lower = cholesky(&hinv, k)?;
@@ -103,8 +121,83 @@ fn upper_factor_of_inverse(l: &[f64], k: usize) -> Option<Vec<f64>> {
     Some(u)
 }
 
+/// The part of GPTQ that depends only on a layer input's Hessian, shared by every matrix that
+/// reads that input (attn_q, attn_k and attn_v; ffn_gate and ffn_up).
+pub struct Factor {
+    k: usize,
+    /// Upper Cholesky factor of the damped H^-1, in walk order.
+    u: Vec<f32>,
+    perm: Vec<usize>,
+    /// Mean x_j^2 (diag H / 2), for the block-scale search.
+    importance: Vec<f32>,
+    dead: Vec<usize>,
+    /// The damping used in the end.
+    pub damp: f64,
+}
+
+impl Factor {
+    /// Factors H = (2 / count) h_sum, raising the damping tenfold (from `opts.damp`, up to 10)
+    /// while the factorization fails.
+    pub fn new(h_sum: &[f32], count: u64, k: usize, opts: GptqOptions) -> Result<Factor, QuantError> {
+        if h_sum.len() != k * k || count == 0 {
+            return Err(QuantError::Data(format!(
+                "GPTQ needs the Hessian of {k} input channels over at least one token"
+            )));
+        }
+        let scale = 2.0 / count as f64;
+        let mut h: Vec<f64> = h_sum.iter().map(|&v| v as f64 * scale).collect();
+        let mut dead = Vec::new();
+        for i in 0..k {
+            if h[i * k + i] == 0.0 {
+                h[i * k + i] = 1.0;
+                dead.push(i);
+            }
+        }
+        let importance: Vec<f32> = (0..k).map(|i| (h[i * k + i] / 2.0) as f32).collect();
+        let perm: Vec<usize> = if opts.act_order {
+            let mut p: Vec<usize> = (0..k).collect();
+            p.sort_by(|&a, &b| h[b * k + b].total_cmp(&h[a * k + a]));
+            p
+        } else {
+            (0..k).collect()
+        };
+        let hp: Vec<f64> = (0..k * k)
+            .map(|e| h[perm[e / k] * k + perm[e % k]])
+            .collect();
+        let mean_diag = (0..k).map(|i| hp[i * k + i]).sum::<f64>() / k as f64;
+        let mut damp = opts.damp;
+        let u = loop {
+            let mut hd = hp.clone();
+            for i in 0..k {
+                hd[i * k + i] += damp * mean_diag;
+            }
+            if let Some(u) = cholesky(&hd, k).and_then(|l| upper_factor_of_inverse(&l, k)) {
+                break u;
+            }
+            if damp >= 10.0 {
+                return Err(QuantError::Cholesky(format!(
+                    "GPTQ: the Hessian of a layer input ({k} channels) is not positive definite \
+                     even with damping {damp}: its calibration inputs may be degenerate (NaN or \
+                     all-equal); use more or other --data, or --method imatrix"
+                )));
+            }
+            damp *= 10.0;
+            log::info!("GPTQ: Cholesky factorization failed; damping raised to {damp}");
+        };
+        Ok(Factor {
+            k,
+            u: u.iter().map(|&v| v as f32).collect(),
+            perm,
+            importance,
+            dead,
+            damp,
+        })
+    }
+}
+
 /// Quantizes `w` (`[n, k]` row-major) into `out` (`n` rows of `codec`'s bytes) by GPTQ with
 /// `h_sum` = sum of x x^T over `count` calibration rows (`[k, k]`).
+#[allow(clippy::too_many_arguments)]
 pub fn quantize(
     w: &[f32],
     n: usize,
@@ -115,6 +208,20 @@ pub fn quantize(
     opts: GptqOptions,
     out: &mut [u8],
 ) -> Result<GptqReport, QuantError> {
+    let factor = Factor::new(h_sum, count, k, opts)?;
+    quantize_with(&factor, w, n, codec, opts, out)
+}
+
+/// Quantizes `w` (`[n, k]`) with a factored Hessian.
+pub fn quantize_with(
+    factor: &Factor,
+    w: &[f32],
+    n: usize,
+    codec: &DynCodec,
+    opts: GptqOptions,
+    out: &mut [u8],
+) -> Result<GptqReport, QuantError> {
+    let k = factor.k;
     let row_bytes = k / codec.block * codec.bytes;
     if k % codec.block != 0 || out.len() != n * row_bytes || w.len() != n * k {
         return Err(QuantError::Shape(format!(
@@ -122,57 +229,13 @@ pub fn quantize(
             codec.block
         )));
     }
-    if h_sum.len() != k * k || count == 0 {
-        return Err(QuantError::Data(format!(
-            "GPTQ needs the Hessian of {k} input channels over at least one token"
-        )));
-    }
-    let scale = 2.0 / count as f64;
-    let mut h: Vec<f64> = h_sum.iter().map(|&v| v as f64 * scale).collect();
     let mut w = w.to_vec();
-    let mut dead = 0;
-    for i in 0..k {
-        if h[i * k + i] == 0.0 {
-            h[i * k + i] = 1.0;
-            dead += 1;
-            for r in 0..n {
-                w[r * k + i] = 0.0;
-            }
+    for &i in &factor.dead {
+        for r in 0..n {
+            w[r * k + i] = 0.0;
         }
     }
-    // Importance for the block-scale search: the mean x_j^2 (diag H / 2).
-    let importance: Vec<f32> = (0..k).map(|i| (h[i * k + i] / 2.0) as f32).collect();
-    let perm: Vec<usize> = if opts.act_order {
-        let mut p: Vec<usize> = (0..k).collect();
-        p.sort_by(|&a, &b| h[b * k + b].total_cmp(&h[a * k + a]));
-        p
-    } else {
-        (0..k).collect()
-    };
-    let hp: Vec<f64> = (0..k * k)
-        .map(|e| h[perm[e / k] * k + perm[e % k]])
-        .collect();
-    let mean_diag = (0..k).map(|i| hp[i * k + i]).sum::<f64>() / k as f64;
-    let mut damp = opts.damp;
-    let u = loop {
-        let mut hd = hp.clone();
-        for i in 0..k {
-            hd[i * k + i] += damp * mean_diag;
-        }
-        if let Some(u) = cholesky(&hd, k).and_then(|l| upper_factor_of_inverse(&l, k)) {
-            break u;
-        }
-        if damp >= 10.0 {
-            return Err(QuantError::Cholesky(format!(
-                "the Hessian of a [{n}, {k}] matrix is not positive definite even with damping \
-                 {damp}: its calibration inputs may be degenerate (NaN or all-equal); use more \
-                 or other --data, or --method imatrix"
-            )));
-        }
-        damp *= 10.0;
-        log::info!("GPTQ: Cholesky factorization failed; damping raised to {damp}");
-    };
-    let u: Vec<f32> = u.iter().map(|&v| v as f32).collect();
+    let (u, perm, importance) = (&factor.u, &factor.perm, &factor.importance);
 
     // Static groups for act-order: every block's grid from the original weights.
     if opts.act_order {
@@ -200,7 +263,6 @@ pub fn quantize(
             let (my_losses, other_losses) = rest_losses.split_at_mut(take);
             rest_tiles = others;
             rest_losses = other_losses;
-            let (u, perm, importance) = (&u, &perm, &importance);
             s.spawn(move || {
                 for ((_, wt, ot), loss) in mine.iter_mut().zip(my_losses.iter_mut()) {
                     *loss = quantize_tile(wt, ot, k, row_bytes, u, perm, importance, codec, opts);
@@ -209,8 +271,8 @@ pub fn quantize(
         }
     });
     Ok(GptqReport {
-        dead,
-        damp,
+        dead: factor.dead.len(),
+        damp: factor.damp,
         loss: losses.iter().sum::<f64>() / n as f64,
     })
 }

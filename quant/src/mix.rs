@@ -277,6 +277,13 @@ pub fn choose(
         .collect()
 }
 
+/// The layer number of a `blk.N.` tensor. llama.cpp's rules count attn_v and ffn_down
+/// tensors as it meets them, in layer order; a file need not store them in that order (names
+/// sort blk.10 before blk.2), so the number is read from the name.
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+}
+
 fn use_more_bits(i: usize, n: usize) -> bool {
     i < n / 8 || i >= 7 * n / 8 || (i as i64 - (n / 8) as i64).rem_euclid(3) == 2
 }
@@ -304,7 +311,7 @@ fn preset_type(
             }
         }
         Category::AttnV => {
-            let i = *i_attn_v;
+            let i = layer_of(&t.name).unwrap_or(*i_attn_v);
             *i_attn_v += 1;
             match p {
                 Q2K if n_gqa >= 4 => DType::Q4_K,
@@ -317,7 +324,7 @@ fn preset_type(
             }
         }
         Category::FfnDown => {
-            let i = *i_ffn_down;
+            let i = layer_of(&t.name).unwrap_or(*i_ffn_down);
             *i_ffn_down += 1;
             match p {
                 Q2K => DType::Q3_K,

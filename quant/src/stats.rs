@@ -117,6 +117,11 @@ impl ModelStats {
         ModelStats { sites, by_tensor }
     }
 
+    /// The index in `sites` of the input of weight `tensor`.
+    pub fn site_index(&self, tensor: &str) -> Option<usize> {
+        self.by_tensor.get(tensor).copied()
+    }
+
     /// The statistics of the input of weight `tensor`.
     pub fn for_tensor(&self, tensor: &str) -> Option<&SiteStats> {
         self.by_tensor.get(tensor).map(|&i| &self.sites[i])

@@ -6,6 +6,7 @@
 #
 #   LLAMA_BIN=/path/to/llama.cpp/build/bin tools/scripts/compare_llamacpp_quant.sh [WORKDIR]
 #
+# (--no-repack: ggml's repacked CPU kernels can pick AMX instructions that some machines trap.)
 # llama.cpp's tools build from the source inside llama-cpp-python's source package (CPU only):
 #   pip download --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36
 #   tar xzf llama_cpp_python-0.3.36.tar.gz && cd llama_cpp_python-0.3.36/vendor/llama.cpp
@@ -16,7 +17,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")/../.." && pwd)"
 work="${1:-$here/target/quant-compare}"
-bin="${LLAMA_BIN:?set LLAMA_BIN to llama.cpp's build/bin}"
+bin="${LLAMA_BIN:?set LLAMA_BIN to the build/bin folder of llama.cpp}"
 tessera="${TESSERA:-$here/target/release/tessera}"
 samples="${SAMPLES:-32}"; seq="${SEQ_LEN:-512}"; type="${TYPE:-Q4_K_M}"; chunks="${CHUNKS:-8}"
 mkdir -p "$work"
@@ -28,10 +29,10 @@ echo "== base: the default model dequantized to F32"
 
 echo "== llama.cpp: llama-imatrix ($samples chunks of $seq) + llama-quantize $type"
 start=$(date +%s.%N)
-"$bin/llama-imatrix" -m "$work/base-f32.gguf" -f "$calib" -c "$seq" --chunks "$samples" \
+"$bin/llama-imatrix" -m "$work/base-f32.gguf" -f "$calib" -c "$seq" --chunks "$samples" --no-repack \
     -o "$work/llama.imatrix.gguf" -t "$(nproc)" > "$work/llama-imatrix.log" 2>&1
 mid=$(date +%s.%N)
-"$bin/llama-quantize" --imatrix "$work/llama.imatrix.gguf" "$work/base-f32.gguf" \
+"$bin/llama-quantize" --allow-requantize --imatrix "$work/llama.imatrix.gguf" "$work/base-f32.gguf" \
     "$work/llama.$type.gguf" "$type" > "$work/llama-quantize.log" 2>&1
 end=$(date +%s.%N)
 echo "llama-imatrix $(echo "$mid - $start" | bc) s, llama-quantize $(echo "$end - $mid" | bc) s"
