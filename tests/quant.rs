@@ -89,16 +89,33 @@ fn each_method_writes_a_model_that_loads_and_stays_close_to_the_base() {
         let out = dir.path().join(format!("{method}.gguf"));
         let o = out.to_str().unwrap();
         let r = json(&quant(&[
-            "calibrate", "-m", &model_arg(), "--method", method, "--type", qtype,
-            "--samples", "2", "--seq-len", "128", "-c", "128", "--eval-chunks", "1",
-            "-o", o, "--json",
+            "calibrate",
+            "-m",
+            &model_arg(),
+            "--method",
+            method,
+            "--type",
+            qtype,
+            "--samples",
+            "2",
+            "--seq-len",
+            "128",
+            "-c",
+            "128",
+            "--eval-chunks",
+            "1",
+            "-o",
+            o,
+            "--json",
         ]));
         let c = &r["calibration"];
         assert_eq!(c["method"], method);
         assert_eq!(c["source_was_quantized"], true);
         if qtype == "Q4_K_M" {
             // The same types as llama-quantize's Q4_K_M, so the same size.
-            let want = fixture["presets"]["Q4_K_M"]["tensor_bytes"].as_u64().unwrap();
+            let want = fixture["presets"]["Q4_K_M"]["tensor_bytes"]
+                .as_u64()
+                .unwrap();
             assert_eq!(c["bytes_after"].as_u64().unwrap(), want, "{method}");
         }
         let e = &r["eval"];
@@ -128,8 +145,17 @@ fn rtn_needs_no_data_and_an_imatrix_file_round_trips() {
     let q8 = dir.path().join("q8.gguf");
     let im = dir.path().join("im.gguf");
     let r = json(&quant(&[
-        "calibrate", "-m", &model_arg(), "--method", "rtn", "--type", "Q8_0", "--no-eval",
-        "-o", q8.to_str().unwrap(), "--json",
+        "calibrate",
+        "-m",
+        &model_arg(),
+        "--method",
+        "rtn",
+        "--type",
+        "Q8_0",
+        "--no-eval",
+        "-o",
+        q8.to_str().unwrap(),
+        "--json",
     ]));
     assert_eq!(r["tokens"], 0);
     assert!(r["eval"].is_null());
@@ -137,13 +163,33 @@ fn rtn_needs_no_data_and_an_imatrix_file_round_trips() {
     // Gather once and write the importance matrix; then quantize from the file.
     let a = dir.path().join("a.gguf");
     ok(&quant(&[
-        "calibrate", "-m", &model_arg(), "--samples", "1", "--seq-len", "64", "--no-eval",
-        "--type", "Q4_0", "--imatrix-out", im.to_str().unwrap(), "-o", a.to_str().unwrap(),
+        "calibrate",
+        "-m",
+        &model_arg(),
+        "--samples",
+        "1",
+        "--seq-len",
+        "64",
+        "--no-eval",
+        "--type",
+        "Q4_0",
+        "--imatrix-out",
+        im.to_str().unwrap(),
+        "-o",
+        a.to_str().unwrap(),
     ]));
     let b = dir.path().join("b.gguf");
     ok(&quant(&[
-        "calibrate", "-m", &model_arg(), "--imatrix", im.to_str().unwrap(), "--no-eval",
-        "--type", "Q4_0", "-o", b.to_str().unwrap(),
+        "calibrate",
+        "-m",
+        &model_arg(),
+        "--imatrix",
+        im.to_str().unwrap(),
+        "--no-eval",
+        "--type",
+        "Q4_0",
+        "-o",
+        b.to_str().unwrap(),
     ]));
     assert!(meta_str(&b, "quantize.imatrix.file").is_some());
     // Both used the same importance (up to its f32 storage): nearly all blocks agree.
@@ -153,14 +199,24 @@ fn rtn_needs_no_data_and_an_imatrix_file_round_trips() {
         fa.tensor_data(fa.tensor(t).unwrap()),
         fb.tensor_data(fb.tensor(t).unwrap()),
     );
-    let same = da.chunks(18).zip(db.chunks(18)).filter(|(x, y)| x == y).count();
-    assert!(same * 100 >= 95 * da.len() / 18, "{same} of {}", da.len() / 18);
+    let same = da
+        .chunks(18)
+        .zip(db.chunks(18))
+        .filter(|(x, y)| x == y)
+        .count();
+    assert!(
+        same * 100 >= 95 * da.len() / 18,
+        "{same} of {}",
+        da.len() / 18
+    );
 }
 
 #[test]
 fn eval_of_a_model_against_itself_is_zero() {
     let m = model_arg();
-    let r = json(&quant(&["eval", "-m", &m, "--base", &m, "-c", "128", "--chunks", "1", "--json"]));
+    let r = json(&quant(&[
+        "eval", "-m", &m, "--base", &m, "-c", "128", "--chunks", "1", "--json",
+    ]));
     assert_eq!(r["kld_mean"].as_f64().unwrap(), 0.0);
     assert_eq!(r["same_top"].as_f64().unwrap(), 1.0);
     assert_eq!(r["ppl_base"], r["ppl_quant"]);
@@ -171,10 +227,24 @@ fn eval_of_a_model_against_itself_is_zero() {
 fn stats_reports_every_set_with_plots() {
     let dir = tempfile::tempdir().unwrap();
     let out = ok(&quant(&[
-        "stats", "-m", &model_arg(), "--data", "prose-en", "--data", "punct", "--samples", "1",
-        "--seq-len", "64", "--out", dir.path().to_str().unwrap(),
+        "stats",
+        "-m",
+        &model_arg(),
+        "--data",
+        "prose-en",
+        "--data",
+        "punct",
+        "--samples",
+        "1",
+        "--seq-len",
+        "64",
+        "--out",
+        dir.path().to_str().unwrap(),
     ]));
-    assert!(out.contains("| prose-en |") && out.contains("| punct |"), "{out}");
+    assert!(
+        out.contains("| prose-en |") && out.contains("| punct |"),
+        "{out}"
+    );
     let js: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("stats.json")).unwrap())
             .unwrap();
@@ -199,13 +269,29 @@ fn bad_input_is_named_with_the_way_out() {
     let empty = dir.path().join("empty.txt");
     std::fs::write(&empty, "\n\n").unwrap();
     fails_with(
-        &quant(&["calibrate", "-m", &m, "--data", empty.to_str().unwrap(), "-o", o]),
+        &quant(&[
+            "calibrate",
+            "-m",
+            &m,
+            "--data",
+            empty.to_str().unwrap(),
+            "-o",
+            o,
+        ]),
         &["no text"],
     );
     let short = dir.path().join("short.txt");
     std::fs::write(&short, "To be, or not to be.").unwrap();
     fails_with(
-        &quant(&["calibrate", "-m", &m, "--data", short.to_str().unwrap(), "-o", o]),
+        &quant(&[
+            "calibrate",
+            "-m",
+            &m,
+            "--data",
+            short.to_str().unwrap(),
+            "-o",
+            o,
+        ]),
         &["too short", "--seq-len"],
     );
     fails_with(
@@ -217,14 +303,30 @@ fn bad_input_is_named_with_the_way_out() {
         &["unknown method", "gptq"],
     );
     fails_with(
-        &quant(&["calibrate", "-m", &m, "--method", "rtn", "-o", "/nonexistent/dir/x.gguf"]),
+        &quant(&[
+            "calibrate",
+            "-m",
+            &m,
+            "--method",
+            "rtn",
+            "-o",
+            "/nonexistent/dir/x.gguf",
+        ]),
         &["does not exist"],
     );
     let file = dir.path().join("plain");
     std::fs::write(&file, "x").unwrap();
     let through_file = file.join("x.gguf");
     fails_with(
-        &quant(&["calibrate", "-m", &m, "--method", "rtn", "-o", through_file.to_str().unwrap()]),
+        &quant(&[
+            "calibrate",
+            "-m",
+            &m,
+            "--method",
+            "rtn",
+            "-o",
+            through_file.to_str().unwrap(),
+        ]),
         &["cannot write"],
     );
     fails_with(

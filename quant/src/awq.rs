@@ -77,7 +77,11 @@ pub fn search_and_fold(
     };
     order.sort_by_key(|s| (s.layer, rank(&s.site)));
     for (done, site) in order.iter().enumerate() {
-        progress(done, order.len(), &format!("awq layer {} {}", site.layer, site.site));
+        progress(
+            done,
+            order.len(),
+            &format!("awq layer {} {}", site.layer, site.site),
+        );
         let into = match site.site.as_str() {
             "attn_norm" => format!("blk.{}.attn_norm.weight", site.layer),
             "ffn_norm" => format!("blk.{}.ffn_norm.weight", site.layer),
@@ -147,7 +151,10 @@ pub fn search_and_fold(
             layer: site.layer,
             site: site.site.clone(),
             alpha,
-            tensors: consumers.iter().map(|&(i, _)| shapes[i].name.clone()).collect(),
+            tensors: consumers
+                .iter()
+                .map(|&(i, _)| shapes[i].name.clone())
+                .collect(),
             into,
             err_rtn,
             err_best,
@@ -163,9 +170,9 @@ pub fn scales(mean_abs: &[f32], alpha: f32) -> Vec<f32> {
         .iter()
         .map(|&a| if a > 0.0 { a.powf(alpha) } else { 1.0 })
         .collect();
-    let (lo, hi) = s
-        .iter()
-        .fold((f32::INFINITY, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = s.iter().fold((f32::INFINITY, 0.0f32), |(lo, hi), &v| {
+        (lo.min(v), hi.max(v))
+    });
     let norm = (lo * hi).sqrt();
     if norm > 0.0 && norm.is_finite() {
         for v in &mut s {
@@ -223,7 +230,11 @@ mod tests {
     #[test]
     fn scales_are_normalised_and_alpha_zero_is_identity() {
         let s = scales(&[1.0, 4.0, 0.0, 16.0], 0.5);
-        assert!((s.iter().cloned().fold(0.0, f32::max) * s.iter().cloned().fold(9.0, f32::min) - 1.0).abs() < 1e-6);
+        assert!(
+            (s.iter().cloned().fold(0.0, f32::max) * s.iter().cloned().fold(9.0, f32::min) - 1.0)
+                .abs()
+                < 1e-6
+        );
         assert!((s[1] / s[0] - 2.0).abs() < 1e-6);
         assert!(scales(&[1.0, 4.0, 16.0], 0.0).iter().all(|&v| v == 1.0));
     }
@@ -232,8 +243,12 @@ mod tests {
     fn scaling_salient_channels_lowers_the_output_error() {
         let (m, n, k) = (64, 16, 64);
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        let loud: Vec<f32> = (0..k).map(|j| if j % 9 == 0 { 20.0 } else { 1.0 }).collect();
-        let x: Vec<f32> = (0..m * k).map(|e| loud[e % k] * rng.random_range(-1.0f32..1.0)).collect();
+        let loud: Vec<f32> = (0..k)
+            .map(|j| if j % 9 == 0 { 20.0 } else { 1.0 })
+            .collect();
+        let x: Vec<f32> = (0..m * k)
+            .map(|e| loud[e % k] * rng.random_range(-1.0f32..1.0))
+            .collect();
         let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-0.1f32..0.1)).collect();
         let mean_abs: Vec<f32> = (0..k)
             .map(|j| (0..m).map(|r| x[r * k + j].abs()).sum::<f32>() / m as f32)

@@ -14,7 +14,10 @@ use crate::QuantError;
 
 /// The built-in sets: name, description, text.
 pub const BUILTIN: [(&str, &str); 3] = [
-    ("prose-en", "English verse drama: the first 256 KiB of tinyshakespeare"),
+    (
+        "prose-en",
+        "English verse drama: the first 256 KiB of tinyshakespeare",
+    ),
     ("code", "Python source: CPython standard-library modules"),
     ("punct", "random punctuation from a fixed seed"),
 ];
@@ -86,8 +89,8 @@ fn read_file(path: &str) -> Result<Vec<String>, QuantError> {
             meta.len()
         )));
     }
-    let bytes = std::fs::read(path)
-        .map_err(|e| QuantError::Data(format!("cannot read `{path}`: {e}")))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| QuantError::Data(format!("cannot read `{path}`: {e}")))?;
     let text = String::from_utf8(bytes).map_err(|e| {
         QuantError::Data(format!(
             "calibration data `{path}` is not UTF-8 text (first bad byte at {})",
@@ -104,9 +107,8 @@ fn read_file(path: &str) -> Result<Vec<String>, QuantError> {
         if line.trim().is_empty() {
             continue;
         }
-        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| {
-            QuantError::Data(format!("`{path}` line {}: not JSON ({e})", i + 1))
-        })?;
+        let value: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| QuantError::Data(format!("`{path}` line {}: not JSON ({e})", i + 1)))?;
         let text = value
             .get("text")
             .and_then(|t| t.as_str())
@@ -227,7 +229,9 @@ mod tests {
         let a = random_punctuation(1000, 1);
         assert_eq!(a, random_punctuation(1000, 1));
         assert_ne!(a, random_punctuation(1000, 2));
-        assert!(a.chars().all(|c| c.is_ascii_punctuation() || c == ' ' || c == '\n'));
+        assert!(a
+            .chars()
+            .all(|c| c.is_ascii_punctuation() || c == ' ' || c == '\n'));
         assert!(!HELDOUT_EN.is_empty() && !PROSE_EN.contains(&HELDOUT_EN[..200]));
     }
 
@@ -235,7 +239,11 @@ mod tests {
     fn files_plain_jsonl_and_bad_ones() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.jsonl");
-        std::fs::write(&p, "{\"text\": \"one\"}\n\n{\"id\": 3, \"body\": \"two\"}\n").unwrap();
+        std::fs::write(
+            &p,
+            "{\"text\": \"one\"}\n\n{\"id\": 3, \"body\": \"two\"}\n",
+        )
+        .unwrap();
         let s = Source::load(p.to_str().unwrap()).unwrap();
         assert_eq!(s.documents, ["one", "two"]);
         std::fs::write(&p, "{\"text\": \"one\"}\n{\"n\": 1}\n").unwrap();
@@ -250,7 +258,9 @@ mod tests {
         assert!(e.contains("not UTF-8"), "{e}");
         let e = Source::load("/nonexistent/x.txt").unwrap_err().to_string();
         assert!(e.contains("prose-en"), "{e}");
-        let e = Source::load(dir.path().to_str().unwrap()).unwrap_err().to_string();
+        let e = Source::load(dir.path().to_str().unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a regular file"), "{e}");
     }
 }

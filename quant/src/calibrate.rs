@@ -165,12 +165,18 @@ pub fn quantize_model(
         })
         .collect();
     let n_layer = file
-        .get_u32_opt(&format!("{}.block_count", file.architecture().unwrap_or("llama")))
+        .get_u32_opt(&format!(
+            "{}.block_count",
+            file.architecture().unwrap_or("llama")
+        ))
         .ok()
         .flatten()
         .unwrap_or(0) as usize;
     let arch = file.architecture().unwrap_or("llama").to_string();
-    let heads = file.get_u32_opt(&format!("{arch}.attention.head_count")).ok().flatten();
+    let heads = file
+        .get_u32_opt(&format!("{arch}.attention.head_count"))
+        .ok()
+        .flatten();
     let kv_heads = file
         .get_u32_opt(&format!("{arch}.attention.head_count_kv"))
         .ok()
@@ -301,7 +307,9 @@ pub fn quantize_model(
         values[i] = Vec::new();
     }
     progress(total, total, "writing");
-    writer.write(out).map_err(|e| QuantError::Model(e.to_string()))?;
+    writer
+        .write(out)
+        .map_err(|e| QuantError::Model(e.to_string()))?;
     let bytes_before: u64 = infos.iter().map(|t| t.size_bytes()).sum();
     Ok(CalibrateReport {
         method: plan.method.name().to_string(),
@@ -337,9 +345,7 @@ fn encode_tensor(
     let site = stats.and_then(|s| s.for_tensor(name));
     match (plan.method, site) {
         (Method::Rtn, _) | (Method::Awq, _) => codec.quantize_rows(w, k, None, &mut out),
-        (Method::Imatrix, Some(site)) => {
-            codec.quantize_rows(w, k, Some(&site.mean_sq()), &mut out)
-        }
+        (Method::Imatrix, Some(site)) => codec.quantize_rows(w, k, Some(&site.mean_sq()), &mut out),
         (Method::Gptq, Some(site)) if site.gram.is_some() => {
             let index = stats.and_then(|s| s.site_index(name)).unwrap_or(usize::MAX);
             if let std::collections::hash_map::Entry::Vacant(e) = factors.entry(index) {
@@ -353,11 +359,16 @@ fn encode_tensor(
             let factor = &factors[&index];
             let rep = gptq::quantize_with(factor, w, rows, &codec, plan.gptq, &mut out)?;
             if rep.dead > 0 {
-                log(format!("{name}: {} input channels never active; zeroed", rep.dead));
+                log(format!(
+                    "{name}: {} input channels never active; zeroed",
+                    rep.dead
+                ));
             }
         }
         (Method::Gptq, Some(site)) => {
-            log(format!("{name}: no Hessian gathered; importance-weighted rounding instead"));
+            log(format!(
+                "{name}: no Hessian gathered; importance-weighted rounding instead"
+            ));
             codec.quantize_rows(w, k, Some(&site.mean_sq()), &mut out)
         }
         (_, None) => {
@@ -382,7 +393,10 @@ fn set_provenance(
     w.set("quantize.tool", s("tessera quant calibrate"));
     w.set("quantize.method", s(plan.method.name()));
     w.set("quantize.type", s(&plan.target.to_string()));
-    w.set("quantize.source_dequantized", MetaValue::Bool(source_was_quantized));
+    w.set(
+        "quantize.source_dequantized",
+        MetaValue::Bool(source_was_quantized),
+    );
     let p = &plan.provenance;
     if plan.method.needs_data() {
         w.set(
@@ -393,11 +407,20 @@ fn set_provenance(
             },
         );
         w.set("quantize.calibration.sha256", s(&p.data_hash));
-        w.set("quantize.calibration.samples", MetaValue::U32(p.samples as u32));
-        w.set("quantize.calibration.seq_len", MetaValue::U32(p.seq_len as u32));
+        w.set(
+            "quantize.calibration.samples",
+            MetaValue::U32(p.samples as u32),
+        );
+        w.set(
+            "quantize.calibration.seq_len",
+            MetaValue::U32(p.seq_len as u32),
+        );
         w.set("quantize.calibration.seed", MetaValue::U64(p.seed));
         if let Some(stats) = stats {
-            w.set("quantize.calibration.tokens", MetaValue::U64(stats.tokens()));
+            w.set(
+                "quantize.calibration.tokens",
+                MetaValue::U64(stats.tokens()),
+            );
         }
         if let Some(f) = &p.imatrix_file {
             w.set("quantize.imatrix.file", s(f));
@@ -405,7 +428,13 @@ fn set_provenance(
     }
     if plan.method == Method::Gptq {
         w.set("quantize.gptq.damp", MetaValue::F32(plan.gptq.damp as f32));
-        w.set("quantize.gptq.act_order", MetaValue::Bool(plan.gptq.act_order));
-        w.set("quantize.gptq.block", MetaValue::U32(plan.gptq.block as u32));
+        w.set(
+            "quantize.gptq.act_order",
+            MetaValue::Bool(plan.gptq.act_order),
+        );
+        w.set(
+            "quantize.gptq.block",
+            MetaValue::U32(plan.gptq.block as u32),
+        );
     }
 }

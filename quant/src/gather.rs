@@ -100,7 +100,11 @@ pub fn stats_from_imatrix(im: &Imatrix, file: &GgufFile) -> Result<ModelStats, Q
             tensors: vec![name.clone()],
             k,
             count,
-            sum_sq: e.importance().iter().map(|&v| v as f64 * count as f64).collect(),
+            sum_sq: e
+                .importance()
+                .iter()
+                .map(|&v| v as f64 * count as f64)
+                .collect(),
             ..Default::default()
         });
     }

@@ -138,7 +138,12 @@ pub struct Factor {
 impl Factor {
     /// Factors H = (2 / count) h_sum, raising the damping tenfold (from `opts.damp`, up to 10)
     /// while the factorization fails.
-    pub fn new(h_sum: &[f32], count: u64, k: usize, opts: GptqOptions) -> Result<Factor, QuantError> {
+    pub fn new(
+        h_sum: &[f32],
+        count: u64,
+        k: usize,
+        opts: GptqOptions,
+    ) -> Result<Factor, QuantError> {
         if h_sum.len() != k * k || count == 0 {
             return Err(QuantError::Data(format!(
                 "GPTQ needs the Hessian of {k} input channels over at least one token"
@@ -223,7 +228,7 @@ pub fn quantize_with(
 ) -> Result<GptqReport, QuantError> {
     let k = factor.k;
     let row_bytes = k / codec.block * codec.bytes;
-    if k % codec.block != 0 || out.len() != n * row_bytes || w.len() != n * k {
+    if !k.is_multiple_of(codec.block) || out.len() != n * row_bytes || w.len() != n * k {
         return Err(QuantError::Shape(format!(
             "GPTQ: a [{n}, {k}] matrix does not fit {}-element blocks",
             codec.block
@@ -240,10 +245,16 @@ pub fn quantize_with(
     // Static groups for act-order: every block's grid from the original weights.
     if opts.act_order {
         for (r, row) in w.chunks_exact(k).enumerate() {
-            (codec.quantize_row)(row, Some(&importance), &mut out[r * row_bytes..][..row_bytes]);
+            (codec.quantize_row)(
+                row,
+                Some(importance),
+                &mut out[r * row_bytes..][..row_bytes],
+            );
         }
     }
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(8);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(8);
     const TILE: usize = 8;
     let tiles: Vec<(usize, &mut [f32], &mut [u8])> = w
         .chunks_mut(TILE * k)
@@ -309,15 +320,11 @@ fn quantize_tile(
             for r in 0..rows {
                 let block = c / codec.block;
                 let bytes = &mut ot[r * row_bytes + block * codec.bytes..][..codec.bytes];
-                if !opts.act_order && c % codec.block == 0 {
+                if !opts.act_order && c.is_multiple_of(codec.block) {
                     // The block's grid from its current weights (natural order: perm is the
                     // identity without act-order).
                     natural.copy_from_slice(&wp[r * k + c..r * k + c + codec.block]);
-                    (codec.quantize_row)(
-                        &natural,
-                        Some(&importance[c..c + codec.block]),
-                        bytes,
-                    );
+                    (codec.quantize_row)(&natural, Some(&importance[c..c + codec.block]), bytes);
                 }
                 let x = wp[r * k + i];
                 let grid = (codec.grid)(bytes, c % codec.block);
@@ -430,21 +437,35 @@ mod tests {
             let decode = |bytes: &[u8]| {
                 let mut q = vec![0.0f32; n * k];
                 for r in 0..n {
-                    dequantize_row(dtype, &bytes[r * row_bytes..(r + 1) * row_bytes], &mut q[r * k..(r + 1) * k]);
+                    dequantize_row(
+                        dtype,
+                        &bytes[r * row_bytes..(r + 1) * row_bytes],
+                        &mut q[r * k..(r + 1) * k],
+                    );
                 }
                 q
             };
             let mut rtn = vec![0u8; n * row_bytes];
             for r in 0..n {
-                (c.quantize_row)(&w[r * k..(r + 1) * k], None, &mut rtn[r * row_bytes..(r + 1) * row_bytes]);
+                (c.quantize_row)(
+                    &w[r * k..(r + 1) * k],
+                    None,
+                    &mut rtn[r * row_bytes..(r + 1) * row_bytes],
+                );
             }
             let e_rtn = output_error(&x, &w, &decode(&rtn), m, n, k);
             for act_order in [false, true] {
                 let mut out = vec![0u8; n * row_bytes];
-                let opts = GptqOptions { act_order, ..Default::default() };
+                let opts = GptqOptions {
+                    act_order,
+                    ..Default::default()
+                };
                 let rep = quantize(&w, n, k, &h, m as u64, &c, opts, &mut out).unwrap();
                 let e = output_error(&x, &w, &decode(&out), m, n, k);
-                assert!(e < 0.8 * e_rtn, "{dtype:?} act_order {act_order}: {e} vs rtn {e_rtn}");
+                assert!(
+                    e < 0.8 * e_rtn,
+                    "{dtype:?} act_order {act_order}: {e} vs rtn {e_rtn}"
+                );
                 assert_eq!(rep.dead, 0);
             }
         }

@@ -302,7 +302,7 @@ fn preset_type(
     use Preset::*;
     match category {
         Category::Output | Category::TokenEmbd if category == Category::Output || tied => {
-            if t.dims[0] % default.block_size() as u64 != 0 {
+            if !t.dims[0].is_multiple_of(default.block_size() as u64) {
                 DType::Q8_0
             } else if default != DType::Q8_0 {
                 DType::Q6_K
@@ -348,7 +348,7 @@ fn preset_type(
 /// llama.cpp's fallback for rows the block size does not divide: 256-element types go to a
 /// 32-element type of about the same size, and to F16 if even that does not fit.
 pub fn fallback(wanted: DType, row: u64) -> Choice {
-    if row % wanted.block_size() as u64 == 0 {
+    if row.is_multiple_of(wanted.block_size() as u64) {
         return Choice {
             dtype: wanted,
             fallback_from: None,
@@ -361,7 +361,7 @@ pub fn fallback(wanted: DType, row: u64) -> Choice {
         DType::Q6_K => DType::Q8_0,
         other => other,
     };
-    if row % dtype.block_size() as u64 != 0 {
+    if !row.is_multiple_of(dtype.block_size() as u64) {
         dtype = DType::F16;
     }
     Choice {
@@ -427,7 +427,11 @@ mod tests {
         assert_eq!(more, [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]);
         assert_eq!(type_of(&ts, &c, "blk.5.ffn_down.weight"), Some(DType::Q6_K));
         assert_eq!(type_of(&ts, &c, "blk.6.ffn_down.weight"), Some(DType::Q4_K));
-        let fallback = c.iter().flatten().filter(|c| c.fallback_from.is_some()).count();
+        let fallback = c
+            .iter()
+            .flatten()
+            .filter(|c| c.fallback_from.is_some())
+            .count();
         // q, k, v, o, gate and up in every layer; token_embd took Q8_0 by the output rule.
         assert_eq!(fallback, 30 * 6);
     }
@@ -439,7 +443,10 @@ mod tests {
         assert_eq!(type_of(&ts, &c, "blk.0.ffn_down.weight"), Some(DType::Q5_K));
         assert_eq!(type_of(&ts, &c, "blk.2.ffn_down.weight"), Some(DType::Q4_K));
         assert_eq!(type_of(&ts, &c, "blk.9.attn_q.weight"), Some(DType::Q4_0));
-        assert_eq!(type_of(&ts, &c, "blk.9.attn_output.weight"), Some(DType::Q5_0));
+        assert_eq!(
+            type_of(&ts, &c, "blk.9.attn_output.weight"),
+            Some(DType::Q5_0)
+        );
         let c = choose(&ts, Target::parse("Q2_K").unwrap(), 30, 3, &[]);
         assert_eq!(type_of(&ts, &c, "blk.9.ffn_down.weight"), Some(DType::Q3_K));
         assert_eq!(type_of(&ts, &c, "blk.9.ffn_up.weight"), Some(DType::Q4_0));

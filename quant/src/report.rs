@@ -55,7 +55,11 @@ impl CalibrateSummary {
         }
         let mix: Vec<String> = counts.iter().map(|(n, k)| format!("{k} {n}")).collect();
         s += &format!("  tensors     {}\n", mix.join(", "));
-        let fallbacks = c.tensors.iter().filter(|t| t.fallback_from.is_some()).count();
+        let fallbacks = c
+            .tensors
+            .iter()
+            .filter(|t| t.fallback_from.is_some())
+            .count();
         if fallbacks > 0 {
             s += &format!(
                 "  fallbacks   {fallbacks} tensors whose rows the type's blocks do not divide \
@@ -225,8 +229,10 @@ impl Study {
             }
         }
         for (name, _, sites) in &self.sets {
-            s += &format!("\n## {name}\n\n| layer | site | abs-max (channel) | mean abs | E[x^2] | \
-                           kurtosis max / median | outliers |\n|---|---|---|---|---|---|---|\n");
+            s += &format!(
+                "\n## {name}\n\n| layer | site | abs-max (channel) | mean abs | E[x^2] | \
+                           kurtosis max / median | outliers |\n|---|---|---|---|---|---|---|\n"
+            );
             for x in sites {
                 s += &format!(
                     "| {} | {} | {:.3} ({}) | {:.4} | {:.4} | {:.1} / {:.2} | {} |\n",
@@ -255,7 +261,7 @@ impl Study {
                 let root = SVGBackend::with_string(&mut svg, (900, 700)).into_drawing_area();
                 root.fill(&WHITE).map_err(|e| e.to_string())?;
                 let (top, bottom) = root.split_vertically(350);
-                let series: Vec<(String, Vec<(f64, f64)>, Vec<(f64, f64)>)> = site_kinds(sites)
+                let series: Vec<(String, Points, Points)> = site_kinds(sites)
                     .into_iter()
                     .map(|kind| {
                         let of: Vec<&SiteSummary> =
@@ -277,7 +283,10 @@ impl Study {
                     &format!("{name}: largest |x| per layer"),
                     "max |x| (log)",
                     layers,
-                    series.iter().map(|(k, a, _)| (k.clone(), a.clone())).collect(),
+                    series
+                        .iter()
+                        .map(|(k, a, _)| (k.clone(), a.clone()))
+                        .collect(),
                     true,
                 )?;
                 line_chart(
@@ -285,7 +294,10 @@ impl Study {
                     &format!("{name}: channels with |x| > {}", self.threshold),
                     "outlier channels",
                     layers,
-                    series.iter().map(|(k, _, b)| (k.clone(), b.clone())).collect(),
+                    series
+                        .iter()
+                        .map(|(k, _, b)| (k.clone(), b.clone()))
+                        .collect(),
                     false,
                 )?;
                 root.present().map_err(|e| e.to_string())?;
@@ -340,7 +352,13 @@ fn file_safe(name: &str) -> String {
         .and_then(|s| s.to_str())
         .unwrap_or(name);
     base.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -353,6 +371,9 @@ fn site_kinds(sites: &[SiteSummary]) -> Vec<String> {
     }
     kinds
 }
+
+/// A line's points: (layer, value).
+type Points = Vec<(f64, f64)>;
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
 
@@ -383,7 +404,10 @@ fn line_chart(
     let colors = [&BLUE, &RED, &GREEN, &MAGENTA, &CYAN, &BLACK];
     if log_y {
         let mut chart = builder
-            .build_cartesian_2d(0f64..layers.max(1.0), (ymin.max(1e-3) * 0.8..ymax * 1.25).log_scale())
+            .build_cartesian_2d(
+                0f64..layers.max(1.0),
+                (ymin.max(1e-3) * 0.8..ymax * 1.25).log_scale(),
+            )
             .map_err(|e| err(&e))?;
         chart
             .configure_mesh()

@@ -168,7 +168,11 @@ mod tests {
         // Channel 0: +-1 (kurtosis 1); channel 1: constant (NaN); channel 2: one spike.
         let rows: Vec<[f64; 3]> = (0..100)
             .map(|i| {
-                let spike = if i == 7 { 50.0 } else { 0.1 * ((i % 3) as f64 - 1.0) };
+                let spike = if i == 7 {
+                    50.0
+                } else {
+                    0.1 * ((i % 3) as f64 - 1.0)
+                };
                 [if i % 2 == 0 { 1.0 } else { -1.0 }, 2.0, spike]
             })
             .collect();

@@ -240,7 +240,10 @@ fn parse_overrides(list: &[String]) -> Result<Vec<(String, DType)>> {
             match Target::parse(ty) {
                 Some(Target::Pure(d)) => Ok((pat.to_string(), d)),
                 Some(Target::Preset(p)) => Ok((pat.to_string(), p.base_type())),
-                None => bail!("--tensor-type `{o}`: unknown type `{ty}` ({})", Target::names()),
+                None => bail!(
+                    "--tensor-type `{o}`: unknown type `{ty}` ({})",
+                    Target::names()
+                ),
             }
         })
         .collect()
@@ -260,7 +263,10 @@ fn check_writable(path: &Path) -> Result<()> {
         );
     }
     if path.is_dir() {
-        bail!("cannot write {}: it is a folder; give a file name with -o", path.display());
+        bail!(
+            "cannot write {}: it is a folder; give a file name with -o",
+            path.display()
+        );
     }
     let probe = tempfile::NamedTempFile::new_in(&dir).with_context(|| {
         format!(
@@ -280,7 +286,13 @@ fn load_sources(data: &DataArgs) -> Result<Vec<Source>> {
 }
 
 fn draw_windows(loaded: &LoadedModel, sources: &[Source], data: &DataArgs) -> Result<Windows> {
-    let w = calib::windows(&loaded.tokenizer, sources, data.seq_len, data.samples, data.seed)?;
+    let w = calib::windows(
+        &loaded.tokenizer,
+        sources,
+        data.seq_len,
+        data.samples,
+        data.seed,
+    )?;
     if w.windows.len() < data.samples {
         note(format!(
             "note: the calibration data holds {} windows of {} tokens; using all of them",
@@ -320,7 +332,11 @@ fn base_reference(base: &LoadedModel, args: &EvalTextArgs) -> Result<Reference> 
 
 fn reference_for(base: &LoadedModel, text: &str, n_ctx: usize, chunks: usize) -> Result<Reference> {
     let tokens = base.tokenizer.encode(text, false, false);
-    let bos = base.tokenizer.add_bos().then(|| base.tokenizer.bos_id()).flatten();
+    let bos = base
+        .tokenizer
+        .add_bos()
+        .then(|| base.tokenizer.bos_id())
+        .flatten();
     let max = (chunks > 0).then_some(chunks);
     let windows = eval::eval_windows(&tokens, n_ctx, max, bos)?;
     let mut session = Session::new(&base.model, n_ctx)?;
@@ -335,7 +351,9 @@ fn compare_with(path: &Path, gpu: &Arc<Gpu>, reference: &Reference) -> Result<Ev
         .with_context(|| format!("loading the quantized model {}", path.display()))?;
     let mut session = Session::new(&q.model, reference.n_ctx)?;
     let b = bar(reference.chunks(), "windows (quantized)");
-    let r = eval::compare(&mut session, reference, &mut |d, _| b.set_position(d as u64))?;
+    let r = eval::compare(&mut session, reference, &mut |d, _| {
+        b.set_position(d as u64)
+    })?;
     b.finish_and_clear();
     Ok(r)
 }
@@ -430,7 +448,10 @@ fn calibrate_command(args: CalibrateArgs) -> Result<()> {
     let target = parse_target(&args.qtype)?;
     let overrides = parse_overrides(&args.tensor_type)?;
     let input = model_path(&args.model.model)?;
-    let output = args.output.clone().unwrap_or_else(|| default_output(&input, &target));
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| default_output(&input, &target));
     check_writable(&output)?;
     if let Some(p) = &args.imatrix_out {
         check_writable(p)?;
@@ -551,18 +572,35 @@ fn stats_command(args: StatsArgs) -> Result<()> {
     let study = report::Study::new(&sets, args.threshold);
     let md = study.markdown();
     write_file(&args.out_dir.join("stats.md"), md.as_bytes())?;
-    write_file(&args.out_dir.join("stats.json"), serde_json::to_string(&study)?.as_bytes())?;
-    for (name, svg) in study.plots().map_err(|e| anyhow::anyhow!("drawing the plots: {e}"))? {
+    write_file(
+        &args.out_dir.join("stats.json"),
+        serde_json::to_string(&study)?.as_bytes(),
+    )?;
+    for (name, svg) in study
+        .plots()
+        .map_err(|e| anyhow::anyhow!("drawing the plots: {e}"))?
+    {
         write_file(&args.out_dir.join(name), svg.as_bytes())?;
     }
     out(md.trim_end())?;
-    note(format!("report and plots written to {}", args.out_dir.display()));
+    note(format!(
+        "report and plots written to {}",
+        args.out_dir.display()
+    ));
     Ok(())
 }
 
 fn sweep_command(args: SweepArgs) -> Result<()> {
-    let methods: Vec<Method> = args.methods.iter().map(|m| parse_method(m)).collect::<Result<_>>()?;
-    let targets: Vec<Target> = args.types.iter().map(|t| parse_target(t)).collect::<Result<_>>()?;
+    let methods: Vec<Method> = args
+        .methods
+        .iter()
+        .map(|m| parse_method(m))
+        .collect::<Result<_>>()?;
+    let targets: Vec<Target> = args
+        .types
+        .iter()
+        .map(|t| parse_target(t))
+        .collect::<Result<_>>()?;
     let input = model_path(&args.model.model)?;
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("creating {}", args.out_dir.display()))?;
@@ -573,10 +611,19 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
     let reference = base_reference(&loaded, &args.eval)?;
     let opts = GatherOptions {
         gram: methods.contains(&Method::Gptq),
-        capture_rows: if methods.contains(&Method::Awq) { 128 } else { 0 },
+        capture_rows: if methods.contains(&Method::Awq) {
+            128
+        } else {
+            0
+        },
     };
     let mut rows = Vec::new();
-    let mut run = |set: &str, stats: Option<&ModelStats>, w: Option<&Windows>, m: Method, t: Target| -> Result<()> {
+    let mut run = |set: &str,
+                   stats: Option<&ModelStats>,
+                   w: Option<&Windows>,
+                   m: Method,
+                   t: Target|
+     -> Result<()> {
         let path = args.out_dir.join(format!("{set}.{}.{t}.gguf", m.name()));
         note(format!("sweep: {set} {} {t}", m.name()));
         let c = calibrate_one(
@@ -623,7 +670,10 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
     }
     let md = report::sweep_markdown(&rows, reference.scored());
     write_file(&args.out_dir.join("sweep.md"), md.as_bytes())?;
-    write_file(&args.out_dir.join("sweep.json"), serde_json::to_string_pretty(&rows)?.as_bytes())?;
+    write_file(
+        &args.out_dir.join("sweep.json"),
+        serde_json::to_string_pretty(&rows)?.as_bytes(),
+    )?;
     out(md.trim_end())
 }
 
