@@ -196,6 +196,19 @@ pub fn quantize_model(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let choices = mix::choose(&shapes, plan.target, n_layer, n_gqa, &overrides);
+    if let Target::Pure(wanted) = plan.target {
+        let chosen: Vec<&Choice> = choices.iter().flatten().collect();
+        let none_fit = chosen
+            .iter()
+            .all(|c| c.fallback_from.is_some() && c.dtype == DType::F16);
+        if wanted.block_size() > 1 && !chosen.is_empty() && none_fit {
+            return Err(QuantError::Shape(format!(
+                "no weight matrix of this model can take {}: their rows are not multiples of {}                  (nor of 32, for a fallback type); write F16 or F32 instead",
+                wanted.name(),
+                wanted.block_size()
+            )));
+        }
+    }
 
     let mut source_types: Vec<String> = Vec::new();
     let mut source_was_quantized = false;
@@ -436,5 +449,95 @@ fn set_provenance(
             "quantize.gptq.block",
             MetaValue::U32(plan.gptq.block as u32),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-layer GGUF holding an F32 `[rows, cols]` matrix and a norm vector.
+    fn tiny_model(dir: &Path, cols: u64, rows: u64) -> GgufFile {
+        let mut w = GgufWriter::new();
+        w.set("general.architecture", MetaValue::String("llama".into()));
+        w.set("llama.block_count", MetaValue::U32(1));
+        let m: Vec<u8> = (0..cols * rows)
+            .flat_map(|i| ((i as f32 * 0.37).sin() * 0.1).to_le_bytes())
+            .collect();
+        w.add_tensor("blk.0.ffn_down.weight", &[cols, rows], 0, m)
+            .unwrap();
+        let v: Vec<u8> = (0..cols).flat_map(|_| 1.0f32.to_le_bytes()).collect();
+        w.add_tensor("blk.0.ffn_norm.weight", &[cols], 0, v)
+            .unwrap();
+        let path = dir.join("tiny.gguf");
+        w.write(&path).unwrap();
+        GgufFile::open(&path).unwrap()
+    }
+
+    fn plan(target: &str) -> Plan {
+        Plan {
+            method: Method::Rtn,
+            target: Target::parse(target).unwrap(),
+            overrides: Vec::new(),
+            gptq: GptqOptions::default(),
+            provenance: Provenance::default(),
+        }
+    }
+
+    #[test]
+    fn rtn_writes_each_type_and_keeps_vectors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = tiny_model(dir.path(), 256, 3);
+        let src = tensor_f32(&file, file.tensor("blk.0.ffn_down.weight").unwrap()).unwrap();
+        for ty in ["Q8_0", "Q4_K", "IQ4_NL", "F16"] {
+            let out = dir.path().join(format!("{ty}.gguf"));
+            let r = quantize_model(&file, None, &plan(ty), &out, &mut |_, _, _| {}, &mut |_| {})
+                .unwrap();
+            assert!(!r.source_was_quantized);
+            let q = GgufFile::open(&out).unwrap();
+            let t = q.tensor("blk.0.ffn_down.weight").unwrap();
+            assert_eq!(t.ggml_type().name(), ty);
+            let back = tensor_f32(&q, t).unwrap();
+            let err = src
+                .iter()
+                .zip(&back)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(err < 0.02, "{ty}: {err}");
+            let norm = q.tensor("blk.0.ffn_norm.weight").unwrap();
+            assert_eq!(norm.ggml_type().name(), "F32");
+            assert_eq!(q.get_str("quantize.method").unwrap(), "rtn");
+        }
+    }
+
+    #[test]
+    fn a_type_no_matrix_can_take_is_an_error_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = tiny_model(dir.path(), 100, 2);
+        let out = dir.path().join("q.gguf");
+        let e = quantize_model(
+            &file,
+            None,
+            &plan("Q4_0"),
+            &out,
+            &mut |_, _, _| {},
+            &mut |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("Q4_0") && e.contains("F16"), "{e}");
+        assert!(!out.exists());
+        // A preset falls back per tensor (to F16 here), as llama-quantize does.
+        let mut log = Vec::new();
+        quantize_model(
+            &file,
+            None,
+            &plan("Q4_K_M"),
+            &out,
+            &mut |_, _, _| {},
+            &mut |l| log.push(l),
+        )
+        .unwrap();
+        assert!(log.iter().any(|l| l.contains("F16")), "{log:?}");
     }
 }
