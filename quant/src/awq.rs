@@ -52,7 +52,7 @@ impl Fold {
 }
 
 /// Rows of captured input used for the search, at most.
-const MAX_ROWS: usize = 128;
+const MAX_ROWS: usize = 64;
 
 /// Searches alpha at every site whose divisor can be folded, and rewrites `values` (every
 /// tensor as f32, indexed like `shapes`) in place.
@@ -182,31 +182,37 @@ pub fn scales(mean_abs: &[f32], alpha: f32) -> Vec<f32> {
     s
 }
 
-/// ||X (W - Q(W diag s) diag(1/s))^T||^2 for the rows of `w` (`[n, k]`).
+/// Output rows of each matrix scored per alpha, at most: a strided sample of the matrix.
+const MAX_OUT_ROWS: usize = 256;
+
+/// ||X (W - Q(W diag s) diag(1/s))^T||^2 over a strided sample of the rows of `w` (`[n, k]`),
+/// scaled up to all `n` rows.
 fn scaled_error(w: &[f32], k: usize, s: &[f32], x: &[f32], m: usize, c: codec::DynCodec) -> f64 {
     let n = w.len() / k;
-    let scaled: Vec<f32> = w
-        .chunks_exact(k)
-        .flat_map(|row| row.iter().zip(s).map(|(a, b)| a * b))
-        .collect();
+    let stride = n.div_ceil(MAX_OUT_ROWS).max(1);
+    let rows: Vec<usize> = (0..n).step_by(stride).collect();
     let row_bytes = k / c.block * c.bytes;
-    let mut q = vec![0u8; n * row_bytes];
-    c.quantize_rows(&scaled, k, None, &mut q);
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-    let per = n.div_ceil(threads).max(1);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..n)
-            .step_by(per)
-            .map(|r0| {
-                let (w, q, x) = (&w, &q, &x);
+    let per = rows.len().div_ceil(threads).max(1);
+    let sum: f64 = std::thread::scope(|scope| {
+        let handles: Vec<_> = rows
+            .chunks(per)
+            .map(|mine| {
                 scope.spawn(move || {
+                    let mut scaled = vec![0.0f32; k];
+                    let mut q = vec![0u8; row_bytes];
                     let mut deq = vec![0.0f32; k];
                     let mut delta = vec![0.0f32; k];
                     let mut err = 0.0f64;
-                    for r in r0..(r0 + per).min(n) {
-                        dequantize_row(c.dtype, &q[r * row_bytes..(r + 1) * row_bytes], &mut deq);
+                    for &r in mine {
+                        let row = &w[r * k..(r + 1) * k];
+                        for ((d, a), b) in scaled.iter_mut().zip(row).zip(s) {
+                            *d = a * b;
+                        }
+                        (c.quantize_row)(&scaled, None, &mut q);
+                        dequantize_row(c.dtype, &q, &mut deq);
                         for j in 0..k {
-                            delta[j] = w[r * k + j] - deq[j] / s[j];
+                            delta[j] = row[j] - deq[j] / s[j];
                         }
                         for xr in x.chunks_exact(k).take(m) {
                             let e: f32 = xr.iter().zip(&delta).map(|(a, b)| a * b).sum();
@@ -218,7 +224,8 @@ fn scaled_error(w: &[f32], k: usize, s: &[f32], x: &[f32], m: usize, c: codec::D
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
-    })
+    });
+    sum * n as f64 / rows.len().max(1) as f64
 }
 
 #[cfg(test)]

@@ -375,7 +375,7 @@ fn default_output(input: &Path, target: &Target) -> PathBuf {
 fn options_for(method: Method) -> GatherOptions {
     GatherOptions {
         gram: method == Method::Gptq,
-        capture_rows: if method == Method::Awq { 128 } else { 0 },
+        capture_rows: if method == Method::Awq { 64 } else { 0 },
     }
 }
 
