@@ -251,8 +251,13 @@ pub fn quantize_model(
             log(f.describe());
             for t in &f.tensors {
                 if let Some(i) = index(t) {
-                    notes[i] = Some(format!("awq alpha {:.2}", f.alpha));
+                    notes[i] = Some(format!("awq alpha {:.1}", f.alpha));
                 }
+            }
+            // The divisor's tensor changed too: a norm vector must be written from `values`.
+            if let Some(i) = index(&f.into) {
+                let note = notes[i].take().map_or(String::new(), |n| n + "; ");
+                notes[i] = Some(format!("{note}awq divisor of {} {}", f.layer, f.site));
             }
         }
     }
