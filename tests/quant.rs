@@ -333,7 +333,74 @@ fn bad_input_is_named_with_the_way_out() {
         &quant(&["calibrate", "-m", &m, "--tensor-type", "ffn_down", "-o", o]),
         &["PATTERN=TYPE"],
     );
+    fails_with(
+        &quant(&[
+            "calibrate",
+            "-m",
+            &m,
+            "--method",
+            "gptq",
+            "--damp",
+            "0",
+            "-o",
+            o,
+        ]),
+        &["--damp", "positive"],
+    );
+    fails_with(
+        &quant(&[
+            "calibrate",
+            "-m",
+            &m,
+            "--eval-text",
+            "/nonexistent.txt",
+            "-o",
+            o,
+        ]),
+        &["/nonexistent.txt"],
+    );
+    // The output may not be an input, nor a device or a pipe.
+    let copy = dir.path().join("model.gguf");
+    std::fs::copy(common::model_path(), &copy).unwrap();
+    let before = std::fs::metadata(&copy).unwrap().len();
+    let c = copy.to_str().unwrap();
+    fails_with(
+        &quant(&[
+            "calibrate",
+            "-m",
+            c,
+            "--method",
+            "rtn",
+            "--no-eval",
+            "-o",
+            c,
+        ]),
+        &["also an input"],
+    );
+    assert_eq!(std::fs::metadata(&copy).unwrap().len(), before);
+    let fifo = dir.path().join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    fails_with(
+        &quant(&[
+            "calibrate",
+            "-m",
+            &m,
+            "--method",
+            "rtn",
+            "-o",
+            fifo.to_str().unwrap(),
+        ]),
+        &["not a regular file"],
+    );
+    fails_with(
+        &quant(&["eval", "-m", "/nonexistent.gguf", "--base", &m]),
+        &["no such model file"],
+    );
     // Nothing was left behind by the failures.
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-    assert_eq!(left.len(), 3, "{left:?}");
+    assert_eq!(left.len(), 5, "{left:?}");
 }

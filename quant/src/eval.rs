@@ -93,7 +93,15 @@ fn score_window(session: &mut Session, window: &[u32]) -> Result<Vec<f32>, Quant
     let first = window.len() / 2;
     session.reset();
     session.eval(&window[..first], Logits::None)?;
-    Ok(session.eval(&window[first..], Logits::All)?)
+    let logits = session.eval(&window[first..], Logits::All)?;
+    if logits.iter().any(|v| !v.is_finite()) {
+        return Err(QuantError::Model(
+            "the model produced NaN or infinite logits: its weights are broken (a NaN or an \
+             overflowing scale); quantize it again"
+                .into(),
+        ));
+    }
+    Ok(logits)
 }
 
 fn log_softmax(row: &[f32], out: &mut [f32]) {

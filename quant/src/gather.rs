@@ -93,6 +93,12 @@ pub fn stats_from_imatrix(im: &Imatrix, file: &GgufFile) -> Result<ModelStats, Q
                 e.counts.len()
             )));
         }
+        if let Some(bad) = e.sum_sq.iter().find(|v| !v.is_finite() || **v < 0.0) {
+            return Err(QuantError::Data(format!(
+                "the importance matrix's `{name}` holds {bad}, which a sum of squares cannot be: \
+                 the file is corrupt; compute it again"
+            )));
+        }
         // llama-quantize reads sum / count as f32; keep the same quotient.
         let count = e.counts[0].max(1);
         sites.push(SiteStats {

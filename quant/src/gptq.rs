@@ -179,7 +179,7 @@ impl Factor {
             if let Some(u) = cholesky(&hd, k).and_then(|l| upper_factor_of_inverse(&l, k)) {
                 break u;
             }
-            if damp >= 10.0 {
+            if !(damp.is_finite() && damp > 0.0 && damp < 10.0) {
                 return Err(QuantError::Cholesky(format!(
                     "GPTQ: the Hessian of a layer input ({k} channels) is not positive definite \
                      even with damping {damp}: its calibration inputs may be degenerate (NaN or \

@@ -45,7 +45,9 @@ impl SiteStats {
     }
 
     /// Kurtosis (fourth standardized moment, 3 for a normal distribution) of each channel's
-    /// values over the tokens; NaN for a channel that never varied.
+    /// values over the tokens. It is computed from raw power sums, so for a channel whose
+    /// spread is tiny next to its mean the central moments cancel away: such channels (standard
+    /// deviation under 1% of the root mean square), and channels that never varied, get NaN.
     pub fn kurtosis(&self) -> Vec<f64> {
         let n = self.count.max(1) as f64;
         (0..self.k)
@@ -56,10 +58,11 @@ impl SiteStats {
                 let m4 = self.sum_quad[j] / n;
                 let var = m2 - m1 * m1;
                 let c4 = m4 - 4.0 * m1 * m3 + 6.0 * m1 * m1 * m2 - 3.0 * m1.powi(4);
-                if var <= 0.0 {
+                if var <= 1e-4 * m2 || var <= 0.0 {
                     f64::NAN
                 } else {
-                    c4 / (var * var)
+                    // Kurtosis is at least 1; below that is rounding.
+                    (c4 / (var * var)).max(1.0)
                 }
             })
             .collect()

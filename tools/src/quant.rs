@@ -249,6 +249,23 @@ fn parse_overrides(list: &[String]) -> Result<Vec<(String, DType)>> {
         .collect()
 }
 
+/// Refuses to write `output` over one of `inputs` (the same file by any path).
+fn check_not_input(output: &Path, inputs: &[&Path], what: &str) -> Result<()> {
+    let Ok(out) = std::fs::canonicalize(output) else {
+        return Ok(());
+    };
+    for input in inputs {
+        if std::fs::canonicalize(input).is_ok_and(|i| i == out) {
+            bail!(
+                "{what} {} is also an input of this command: it would be overwritten; choose \
+                 another path",
+                output.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Checks that `path` can be written before the long work starts.
 fn check_writable(path: &Path) -> Result<()> {
     let dir = match path.parent() {
@@ -265,6 +282,13 @@ fn check_writable(path: &Path) -> Result<()> {
     if path.is_dir() {
         bail!(
             "cannot write {}: it is a folder; give a file name with -o",
+            path.display()
+        );
+    }
+    if path.exists() && !path.is_file() {
+        bail!(
+            "cannot write {}: it is not a regular file (a device, a pipe or a socket); give the \
+             path of a file",
             path.display()
         );
     }
@@ -323,11 +347,6 @@ fn eval_text(spec: &str) -> Result<String> {
     } else {
         read_text(Path::new(spec))
     }
-}
-
-fn base_reference(base: &LoadedModel, args: &EvalTextArgs) -> Result<Reference> {
-    let text = eval_text(&args.eval_text)?;
-    reference_for(base, &text, args.ctx_size, args.eval_chunks)
 }
 
 fn reference_for(base: &LoadedModel, text: &str, n_ctx: usize, chunks: usize) -> Result<Reference> {
@@ -453,11 +472,47 @@ fn calibrate_command(args: CalibrateArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| default_output(&input, &target));
     check_writable(&output)?;
+    let mut inputs: Vec<&Path> = vec![&input];
+    if let Some(p) = &args.imatrix {
+        inputs.push(p);
+        if !p.is_file() {
+            bail!("--imatrix {}: not a regular file", p.display());
+        }
+    }
+    check_not_input(&output, &inputs, "the output")?;
     if let Some(p) = &args.imatrix_out {
         check_writable(p)?;
+        inputs.push(&output);
+        check_not_input(p, &inputs, "--imatrix-out")?;
+        if args.imatrix.is_some() || !method.needs_data() {
+            bail!("--imatrix-out needs a method that gathers statistics (imatrix, gptq, awq)");
+        }
     }
     if args.imatrix.is_some() && method != Method::Imatrix {
         bail!("--imatrix is for --method imatrix (gptq and awq gather their own statistics)");
+    }
+    if !(args.damp.is_finite() && args.damp > 0.0) {
+        bail!(
+            "--damp {} must be a positive number (the default is 0.01)",
+            args.damp
+        );
+    }
+    for (pat, _) in &overrides {
+        fancy_regex::Regex::new(pat).with_context(|| {
+            format!("--tensor-type pattern `{pat}` is not a regular expression")
+        })?;
+    }
+    // The evaluation text is read now, so a bad one fails before any work.
+    let eval_text_now = if args.no_eval {
+        None
+    } else {
+        Some(eval_text(&args.eval.eval_text)?)
+    };
+    if !args.no_eval && args.eval.ctx_size < 4 {
+        bail!(
+            "-c {} is too small for the evaluation: pass -c 4 or more",
+            args.eval.ctx_size
+        );
     }
     let gpu = open_gpu(&args.model.device)?;
     let loaded = LoadedModel::open(&input, gpu.clone())
@@ -518,11 +573,13 @@ fn calibrate_command(args: CalibrateArgs) -> Result<()> {
         &output,
     )?;
     done.gather_seconds = gather_seconds;
-    let eval = if args.no_eval {
-        None
-    } else {
-        let reference = base_reference(&loaded, &args.eval)?;
-        Some(compare_with(&output, &gpu, &reference)?)
+    let eval = match &eval_text_now {
+        None => None,
+        Some(text) => {
+            let reference =
+                reference_for(&loaded, text, args.eval.ctx_size, args.eval.eval_chunks)?;
+            Some(compare_with(&output, &gpu, &reference)?)
+        }
     };
     let summary = report::CalibrateSummary {
         input: input.display().to_string(),
@@ -541,6 +598,13 @@ fn calibrate_command(args: CalibrateArgs) -> Result<()> {
 }
 
 fn eval_command(args: EvalArgs) -> Result<()> {
+    for (what, p) in [("-m", &args.model), ("--base", &args.base)] {
+        if !p.is_file() {
+            bail!("{what} {}: no such model file", p.display());
+        }
+    }
+    GgufFile::open(&args.model)
+        .with_context(|| format!("reading the quantized model {}", args.model.display()))?;
     let gpu = open_gpu(&args.device)?;
     let base = LoadedModel::open(&args.base, gpu.clone())
         .with_context(|| format!("loading the base model {}", args.base.display()))?;
@@ -556,6 +620,13 @@ fn eval_command(args: EvalArgs) -> Result<()> {
 }
 
 fn stats_command(args: StatsArgs) -> Result<()> {
+    if !(args.threshold.is_finite() && args.threshold > 0.0) {
+        bail!(
+            "--threshold {} must be a positive number (LLM.int8's is 6)",
+            args.threshold
+        );
+    }
+    let sources = load_sources(&args.data)?;
     let input = model_path(&args.model.model)?;
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("creating {}", args.out_dir.display()))?;
@@ -563,11 +634,10 @@ fn stats_command(args: StatsArgs) -> Result<()> {
     let loaded = LoadedModel::open(&input, gpu.clone())
         .with_context(|| format!("loading model {}", input.display()))?;
     let mut sets = Vec::new();
-    for spec in &args.data.data {
-        let source = Source::load(spec)?;
-        let w = draw_windows(&loaded, std::slice::from_ref(&source), &args.data)?;
-        let s = gather_stats(&loaded, &w, GatherOptions::default(), spec)?;
-        sets.push((spec.clone(), s));
+    for source in &sources {
+        let w = draw_windows(&loaded, std::slice::from_ref(source), &args.data)?;
+        let s = gather_stats(&loaded, &w, GatherOptions::default(), &source.name)?;
+        sets.push((source.name.clone(), s));
     }
     let study = report::Study::new(&sets, args.threshold);
     let md = study.markdown();
@@ -601,6 +671,8 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
         .iter()
         .map(|t| parse_target(t))
         .collect::<Result<_>>()?;
+    let sources = load_sources(&args.data)?;
+    let eval_source = eval_text(&args.eval.eval_text)?;
     let input = model_path(&args.model.model)?;
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("creating {}", args.out_dir.display()))?;
@@ -608,7 +680,12 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
     let loaded = LoadedModel::open(&input, gpu.clone())
         .with_context(|| format!("loading model {}", input.display()))?;
     let file = GgufFile::open(&input).with_context(|| format!("reading {}", input.display()))?;
-    let reference = base_reference(&loaded, &args.eval)?;
+    let reference = reference_for(
+        &loaded,
+        &eval_source,
+        args.eval.ctx_size,
+        args.eval.eval_chunks,
+    )?;
     let opts = GatherOptions {
         gram: methods.contains(&Method::Gptq),
         capture_rows: if methods.contains(&Method::Awq) {
@@ -624,7 +701,9 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
                    m: Method,
                    t: Target|
      -> Result<()> {
-        let path = args.out_dir.join(format!("{set}.{}.{t}.gguf", m.name()));
+        let path = args
+            .out_dir
+            .join(format!("{}.{}.{t}.gguf", file_label(set), m.name()));
         note(format!("sweep: {set} {} {t}", m.name()));
         let c = calibrate_one(
             &file,
@@ -658,13 +737,12 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
             run("-", None, None, Method::Rtn, t)?;
         }
     }
-    for spec in &args.data.data {
-        let source = Source::load(spec)?;
-        let w = draw_windows(&loaded, std::slice::from_ref(&source), &args.data)?;
-        let s = gather_stats(&loaded, &w, opts, spec)?;
+    for source in &sources {
+        let w = draw_windows(&loaded, std::slice::from_ref(source), &args.data)?;
+        let s = gather_stats(&loaded, &w, opts, &source.name)?;
         for &t in &targets {
             for &m in methods.iter().filter(|m| m.needs_data()) {
-                run(spec, Some(&s), Some(&w), m, t)?;
+                run(&source.name, Some(&s), Some(&w), m, t)?;
             }
         }
     }
@@ -675,6 +753,24 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
         serde_json::to_string_pretty(&rows)?.as_bytes(),
     )?;
     out(md.trim_end())
+}
+
+/// A calibration set's name as part of a file name: a path's file stem, other characters
+/// replaced.
+fn file_label(set: &str) -> String {
+    let stem = Path::new(set)
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or(set);
+    stem.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// Writes a report file atomically (temp file, then rename).
