@@ -66,7 +66,7 @@ pub struct EvalTextArgs {
     ctx_size: usize,
 
     /// Evaluate on the first N windows only (0: all of the text).
-    #[arg(long = "eval-chunks", default_value_t = 8)]
+    #[arg(long = "eval-chunks", default_value_t = 4)]
     eval_chunks: usize,
 }
 
