@@ -83,22 +83,8 @@ impl Preset {
     }
 }
 
-/// Types `quant` can write.
-pub const WRITABLE: [DType; 13] = [
-    DType::F32,
-    DType::F16,
-    DType::Q4_0,
-    DType::Q4_1,
-    DType::Q5_0,
-    DType::Q5_1,
-    DType::Q8_0,
-    DType::Q2_K,
-    DType::Q3_K,
-    DType::Q4_K,
-    DType::Q5_K,
-    DType::Q6_K,
-    DType::IQ4_NL,
-];
+/// Types `quant` can write: every type the runtime runs.
+pub const WRITABLE: [DType; 13] = DType::ALL;
 
 impl Target {
     /// Parses a preset name (`Q4_K_M`) or a type name (`Q4_K`, `q8_0`, `f16`); presets win where

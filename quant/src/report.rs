@@ -346,7 +346,9 @@ impl Study {
     }
 }
 
-fn file_safe(name: &str) -> String {
+/// A calibration set's name as part of a file name: a path's file stem, other characters
+/// than letters, digits, `-` and `_` replaced by `_`.
+pub fn file_safe(name: &str) -> String {
     let base = std::path::Path::new(name)
         .file_stem()
         .and_then(|s| s.to_str())

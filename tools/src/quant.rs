@@ -407,7 +407,6 @@ struct Calibrated {
 #[allow(clippy::too_many_arguments)]
 fn calibrate_one(
     file: &GgufFile,
-    loaded: &LoadedModel,
     stats: Option<&ModelStats>,
     windows: Option<&Windows>,
     data: &DataArgs,
@@ -418,7 +417,6 @@ fn calibrate_one(
     imatrix_file: Option<String>,
     output: &Path,
 ) -> Result<Calibrated> {
-    let _ = loaded;
     let provenance = match windows {
         Some(w) => Provenance {
             datasets: w.names.clone(),
@@ -517,7 +515,7 @@ fn calibrate_command(args: CalibrateArgs) -> Result<()> {
     let gpu = open_gpu(&args.model.device)?;
     let loaded = LoadedModel::open(&input, gpu.clone())
         .with_context(|| format!("loading model {}", input.display()))?;
-    let file = GgufFile::open(&input).with_context(|| format!("reading {}", input.display()))?;
+    let file = &loaded.file;
 
     let sources = if method.needs_data() && args.imatrix.is_none() {
         load_sources(&args.data)?
@@ -529,7 +527,7 @@ fn calibrate_command(args: CalibrateArgs) -> Result<()> {
     let stats = if let Some(path) = &args.imatrix {
         let im = tessera_quant::imatrix::Imatrix::read(path)
             .with_context(|| format!("reading the importance matrix {}", path.display()))?;
-        Some(gather::stats_from_imatrix(&im, &file)?)
+        Some(gather::stats_from_imatrix(&im, file)?)
     } else if method.needs_data() {
         let w = draw_windows(&loaded, &sources, &args.data)?;
         note(format!(
@@ -560,8 +558,7 @@ fn calibrate_command(args: CalibrateArgs) -> Result<()> {
     };
     let imatrix_file = args.imatrix.as_ref().map(|p| p.display().to_string());
     let mut done = calibrate_one(
-        &file,
-        &loaded,
+        file,
         stats.as_ref(),
         windows.as_ref(),
         &args.data,
@@ -679,7 +676,7 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
     let gpu = open_gpu(&args.model.device)?;
     let loaded = LoadedModel::open(&input, gpu.clone())
         .with_context(|| format!("loading model {}", input.display()))?;
-    let file = GgufFile::open(&input).with_context(|| format!("reading {}", input.display()))?;
+    let file = &loaded.file;
     let reference = reference_for(
         &loaded,
         &eval_source,
@@ -703,11 +700,10 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
      -> Result<()> {
         let path = args
             .out_dir
-            .join(format!("{}.{}.{t}.gguf", file_label(set), m.name()));
+            .join(format!("{}.{}.{t}.gguf", report::file_safe(set), m.name()));
         note(format!("sweep: {set} {} {t}", m.name()));
         let c = calibrate_one(
-            &file,
-            &loaded,
+            file,
             stats,
             w,
             &args.data,
@@ -753,24 +749,6 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
         serde_json::to_string_pretty(&rows)?.as_bytes(),
     )?;
     out(md.trim_end())
-}
-
-/// A calibration set's name as part of a file name: a path's file stem, other characters
-/// replaced.
-fn file_label(set: &str) -> String {
-    let stem = Path::new(set)
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or(set);
-    stem.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 /// Writes a report file atomically (temp file, then rename).

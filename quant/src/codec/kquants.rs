@@ -5,21 +5,13 @@
 //! searches, step by step and in the same f32 operation order, so that their bytes equal
 //! llama.cpp's `ggml_quantize_chunk` on the same input.
 
-use super::{BlockCodec, Grid};
+use super::{nearest_int, signed_max, BlockCodec, Grid};
 
 /// Elements per super-block.
 const QK_K: usize = 256;
 
 /// Below this largest magnitude a group counts as all zero (ggml's `GROUP_MAX_EPS`).
 const GROUP_MAX_EPS: f32 = 1e-15;
-
-/// ggml's `nearest_int`: round half to even by adding 1.5 * 2^23 and reading the mantissa.
-/// Exact for |x| < 2^22; beyond that it returns the same wrapped value as ggml does, which the
-/// callers clamp, so out-of-range inputs still encode identically.
-fn nearest_int(x: f32) -> i32 {
-    let biased = x + 12_582_912.0;
-    (biased.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
-}
 
 /// `x` rounded to f16 (round to nearest even), little-endian.
 fn f16_bytes(x: f32) -> [u8; 2] {
@@ -35,18 +27,6 @@ fn read_f16(block: &[u8], at: usize) -> f32 {
 // Scale searches (ggml-quants.c: make_qx_quants, make_q3_quants, make_qkx2/3_quants,
 // make_qp_quants), only in the variants the K-quant encoders use.
 // ---------------------------------------------------------------------------------------------
-
-/// The element of largest magnitude (the first one on ties) and that magnitude.
-fn signed_max(x: &[f32]) -> (f32, f32) {
-    let (mut max, mut amax) = (0.0f32, 0.0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    (max, amax)
-}
 
 /// Symmetric codes `levels[i] - nmax` in `-nmax .. nmax` and their scale, chosen among 19 trial
 /// scales around `-nmax / max` by the weighted least-squares fit (weights `x^2`, or `weights`).

@@ -11,7 +11,9 @@
 
 use half::f16;
 
-use super::{BlockCodec, Grid};
+use tessera_runtime::tensor::IQ4_NL_LEVELS;
+
+use super::{nearest_int, signed_max, BlockCodec, Grid};
 
 /// Elements per block, for every type here.
 const QK: usize = 32;
@@ -19,37 +21,12 @@ const QK: usize = 32;
 /// Below this absolute maximum a block counts as all zero (ggml's `GROUP_MAX_EPS`).
 const GROUP_MAX_EPS: f32 = 1e-15;
 
-/// IQ4_NL's 16 non-linear levels (ggml-common.h, `kvalues_iq4nl`).
-const IQ4_NL_LEVELS: [i8; 16] = [
-    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
-];
-
-/// Round to nearest, ties to even, exactly as ggml's `nearest_int`: adding 1.5 * 2^23 leaves the
-/// rounded integer in the low mantissa bits (valid for |x| < 2^22; larger inputs give garbage,
-/// as in ggml, but never panic).
-fn nearest_int(x: f32) -> i32 {
-    let biased = x + 12_582_912.0;
-    (biased.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
-}
-
 fn put_f16(bytes: &mut [u8], x: f32) {
     bytes[..2].copy_from_slice(&f16::from_f32(x).to_le_bytes());
 }
 
 fn get_f16(bytes: &[u8]) -> f32 {
     f16::from_le_bytes([bytes[0], bytes[1]]).to_f32()
-}
-
-/// The element of largest magnitude (the first one on ties) and that magnitude.
-fn signed_absmax(x: &[f32]) -> (f32, f32) {
-    let (mut amax, mut max) = (0.0f32, 0.0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    (amax, max)
 }
 
 fn min_max(x: &[f32]) -> (f32, f32) {
@@ -150,7 +127,7 @@ fn set_q5(qh: &mut [u8], qs: &mut [u8], i: usize, code: u8) {
 /// searched over 19 candidate inverse scales around `-nmax / max` (ggml's `make_qx_quants`
 /// with explicit weights). Returns the scale.
 fn make_qx_quants(nmax: i32, x: &[f32], weights: &[f32], codes: &mut [u8; QK]) -> f32 {
-    let (amax, max) = signed_absmax(x);
+    let (max, amax) = signed_max(x);
     if amax < GROUP_MAX_EPS {
         codes.fill(0);
         return 0.0;
@@ -318,7 +295,7 @@ impl BlockCodec for Q4_0 {
                     make_qx_quants(8, xb, &weights, &mut codes)
                 }
                 _ => {
-                    let (_, max) = signed_absmax(xb);
+                    let (max, _) = signed_max(xb);
                     let d = max / -8.0;
                     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                     for (code, &v) in codes.iter_mut().zip(xb) {
@@ -421,7 +398,7 @@ impl BlockCodec for Q5_0 {
                     make_qx_quants(16, xb, &weights, &mut codes)
                 }
                 _ => {
-                    let (_, max) = signed_absmax(xb);
+                    let (max, _) = signed_max(xb);
                     let d = max / -16.0;
                     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                     for (code, &v) in codes.iter_mut().zip(xb) {
@@ -576,7 +553,7 @@ impl Iq4Nl {
         }
 
         // 2. The scale: least squares on the grid of `max / 127`, then on 15 trial grids.
-        let (amax, max) = signed_absmax(xb);
+        let (max, amax) = signed_max(xb);
         let scale = if amax < GROUP_MAX_EPS {
             0.0
         } else {

@@ -18,6 +18,26 @@ use tessera_runtime::DType;
 pub use kquants::{Q2K, Q3K, Q4K, Q5K, Q6K};
 pub use legacy::{Iq4Nl, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 
+/// ggml's `nearest_int`: round half to even by adding 1.5 * 2^23 and reading the mantissa.
+/// Exact for |x| < 2^22; beyond that it returns the same wrapped value as ggml does, which the
+/// callers clamp, so out-of-range inputs still encode identically.
+pub(super) fn nearest_int(x: f32) -> i32 {
+    let biased = x + 12_582_912.0;
+    (biased.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
+/// The element of largest magnitude (the first one on ties) and that magnitude.
+pub(super) fn signed_max(x: &[f32]) -> (f32, f32) {
+    let (mut max, mut amax) = (0.0f32, 0.0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    (max, amax)
+}
+
 /// The values one element of an encoded block can take.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Grid {
