@@ -1,9 +1,11 @@
 // In-register dequantisation of GGUF weight rows, shared by the kernels that read weights.
 //
-// The including kernel declares `weights: array<u32>` (the tensor's GGUF bytes, little-endian
-// words) and the defines WTYPE (GGML type id: 0 F32, 1 F16, 2 Q4_0, 3 Q4_1, 6 Q5_0, 7 Q5_1,
-// 8 Q8_0, 10 Q2_K, 11 Q3_K, 12 Q4_K, 13 Q5_K, 14 Q6_K, 20 IQ4_NL) and BLOCK_BYTES (bytes per
-// GGUF block: 32 elements, or a 256-element super-block for K-quants; 32 elements of F32/F16).
+// The weights (the tensor's GGUF bytes as little-endian words) are read through `wload`, which
+// the runtime declares with their binding before this file. The including kernel gets the
+// defines WTYPE (GGML type
+// id: 0 F32, 1 F16, 2 Q4_0, 3 Q4_1, 6 Q5_0, 7 Q5_1, 8 Q8_0, 10 Q2_K, 11 Q3_K, 12 Q4_K, 13 Q5_K,
+// 14 Q6_K, 20 IQ4_NL) and BLOCK_BYTES (bytes per GGUF block: 32 elements, or a 256-element
+// super-block for K-quants; 32 elements of F32/F16).
 // Rows are addressed by their byte offset and read in groups of 32 elements (`dequant_group`,
 // group b of a K-quant row is sub-block b % 8 of super-block b / 8) or of 4 (`dequant4`).
 // Blocks of Q4_0, Q5_0, Q8_0, IQ4_NL, Q3_K and Q6_K are only 2-byte aligned, so words are read
@@ -25,17 +27,17 @@ const IQ4_NL_LEVELS_3: u32 = 0x71594535u;
 fn read_u32_at(byte: u32) -> u32 {
     let w = byte >> 2u;
     if (BLOCK_BYTES % 4u == 0u && WTYPE != 1u) {
-        return weights[w];
+        return wload(w);
     }
     let shift = (byte & 2u) * 8u;
-    let lo = weights[w] >> shift;
-    let hi = select(0u, weights[w + 1u] << (32u - shift), shift != 0u);
+    let lo = wload(w) >> shift;
+    let hi = select(0u, wload(w + 1u) << (32u - shift), shift != 0u);
     return lo | hi;
 }
 
 // The f16 at a 2-byte-aligned byte offset, widened to f32.
 fn read_f16_at(byte: u32) -> f32 {
-    let word = weights[byte >> 2u];
+    let word = wload(byte >> 2u);
     return unpack2x16float(word >> ((byte & 2u) * 8u)).x;
 }
 
@@ -46,14 +48,14 @@ fn words8(byte: u32) -> array<u32, 8> {
     let base = byte >> 2u;
     if (BLOCK_BYTES % 4u == 0u) {
         for (var j = 0u; j < 8u; j++) {
-            out[j] = weights[base + j];
+            out[j] = wload(base + j);
         }
         return out;
     }
     let odd = (byte & 2u) != 0u;
-    var lo = weights[base];
+    var lo = wload(base);
     for (var j = 0u; j < 8u; j++) {
-        let hi = weights[base + 1u + j];
+        let hi = wload(base + 1u + j);
         out[j] = select(lo, (lo >> 16u) | (hi << 16u), odd);
         lo = hi;
     }
@@ -113,8 +115,8 @@ fn q5x4(qh: u32, qs: u32, j: u32) -> vec4<f32> {
 // elements in xy and of its last 16 in zw. Scales sit in bytes 0..16, one byte per 16
 // elements (scale in the low nibble, min in the high one); d and dmin at byte 80.
 fn q2k_scales(sb: u32, s: u32) -> vec4<f32> {
-    let dm = unpack2x16float(weights[(sb + 80u) >> 2u]);
-    let sc = weights[(sb >> 2u) + (s >> 1u)] >> ((s & 1u) * 16u);
+    let dm = unpack2x16float(wload((sb + 80u) >> 2u));
+    let sc = wload((sb >> 2u) + (s >> 1u)) >> ((s & 1u) * 16u);
     let sc0 = sc & 255u;
     let sc1 = (sc >> 8u) & 255u;
     return vec4<f32>(
@@ -142,11 +144,11 @@ fn q3k_scales(sb: u32, s: u32) -> vec2<f32> {
 // take their low nibbles from bytes 12..16 and their top two bits from the bytes of 0..3.
 fn q45k_scales(sb: u32, s: u32) -> vec2<f32> {
     let base = sb >> 2u;
-    let dm = unpack2x16float(weights[base]);
+    let dm = unpack2x16float(wload(base));
     let shift = 8u * (s & 3u);
-    let a = (weights[base + 1u] >> shift) & 255u;
-    let b = (weights[base + 2u] >> shift) & 255u;
-    let c = (weights[base + 3u] >> shift) & 255u;
+    let a = (wload(base + 1u) >> shift) & 255u;
+    let b = (wload(base + 2u) >> shift) & 255u;
+    let c = (wload(base + 3u) >> shift) & 255u;
     let high = s >= 4u;
     let sc = select(a & 63u, (c & 15u) | ((a >> 6u) << 4u), high);
     let m = select(b & 63u, (c >> 4u) | ((b >> 6u) << 4u), high);
@@ -184,9 +186,9 @@ fn dequant4_k(sb: u32, s: u32, j: u32) -> vec4<f32> {
     if (WTYPE == 12u || WTYPE == 13u) {
         let dm = q45k_scales(sb, s);
         let qs_at = select(16u, 48u, WTYPE == 13u);
-        var q = (weights[(sb + qs_at + 32u * (s >> 1u) + 4u * j) >> 2u] >> (4u * (s & 1u))) & 0x0f0f0f0fu;
+        var q = (wload((sb + qs_at + 32u * (s >> 1u) + 4u * j) >> 2u) >> (4u * (s & 1u))) & 0x0f0f0f0fu;
         if (WTYPE == 13u) {
-            q |= ((weights[(sb + 16u + 4u * j) >> 2u] >> s) & 0x01010101u) << 4u;
+            q |= ((wload((sb + 16u + 4u * j) >> 2u) >> s) & 0x01010101u) << 4u;
         }
         return dm.x * u8x4(q) - dm.y;
     }
@@ -204,7 +206,7 @@ fn dequant4_k(sb: u32, s: u32, j: u32) -> vec4<f32> {
 fn dequant4(row: u32, g: u32) -> vec4<f32> {
     if (WTYPE == 0u) {
         let w = (row >> 2u) + g * 4u;
-        return bitcast<vec4<f32>>(vec4<u32>(weights[w], weights[w + 1u], weights[w + 2u], weights[w + 3u]));
+        return bitcast<vec4<f32>>(vec4<u32>(wload(w), wload(w + 1u), wload(w + 2u), wload(w + 3u)));
     }
     if (WTYPE == 1u) {
         let b = row + g * 8u;
@@ -238,8 +240,8 @@ fn dequant4(row: u32, g: u32) -> vec4<f32> {
     if (WTYPE == 7u) {
         // Q5_1: f16 d, f16 m, 4 bytes of fifth bits, then nibbles; x = d * q + m.
         let base = block >> 2u;
-        let dm = unpack2x16float(weights[base]);
-        return dm.x * q5x4(weights[base + 1u], weights[base + 2u + (j & 3u)], j) + dm.y;
+        let dm = unpack2x16float(wload(base));
+        return dm.x * q5x4(wload(base + 1u), wload(base + 2u + (j & 3u)), j) + dm.y;
     }
     // Q4_1: f16 d, f16 m, then 16 bytes laid out as in Q4_0; x = d * q + m.
     let dm = unpack2x16float(read_u32_at(block));
@@ -358,20 +360,20 @@ fn dequant_group(row: u32, b: u32) -> array<vec4<f32>, 8> {
     let base = block >> 2u;
     let odd = (block & 2u) != 0u;
     if (WTYPE == 3u) {
-        let dm = unpack2x16float(weights[base]);
+        let dm = unpack2x16float(wload(base));
         for (var j = 0u; j < 4u; j++) {
-            let q = weights[base + 1u + j];
+            let q = wload(base + 1u + j);
             out[j] = dm.x * u4x4(q) + dm.y;
             out[j + 4u] = dm.x * u4x4(q >> 4u) + dm.y;
         }
         return out;
     }
     if (WTYPE == 2u || WTYPE == 20u) {
-        let w0 = weights[base];
+        let w0 = wload(base);
         let d = unpack2x16float(select(w0, w0 >> 16u, odd)).x;
         var lo = w0;
         for (var j = 0u; j < 4u; j++) {
-            let hi = weights[base + 1u + j];
+            let hi = wload(base + 1u + j);
             let q = select((lo >> 16u) | (hi << 16u), hi, odd);
             if (WTYPE == 2u) {
                 out[j] = d * (u4x4(q) - 8.0);
@@ -388,7 +390,7 @@ fn dequant_group(row: u32, b: u32) -> array<vec4<f32>, 8> {
         // Six words cover the 22 bytes at either alignment; the fifth bits start at byte 2.
         var w: array<u32, 6>;
         for (var i = 0u; i < 6u; i++) {
-            w[i] = weights[base + i];
+            w[i] = wload(base + i);
         }
         let d = unpack2x16float(select(w[0], w[0] >> 16u, odd)).x;
         let qh = select((w[0] >> 16u) | (w[1] << 16u), w[1], odd);
@@ -400,21 +402,21 @@ fn dequant_group(row: u32, b: u32) -> array<vec4<f32>, 8> {
         return out;
     }
     if (WTYPE == 7u) {
-        let dm = unpack2x16float(weights[base]);
-        let qh = weights[base + 1u];
+        let dm = unpack2x16float(wload(base));
+        let qh = wload(base + 1u);
         for (var j = 0u; j < 4u; j++) {
-            let qs = weights[base + 2u + j];
+            let qs = wload(base + 2u + j);
             out[j] = dm.x * q5x4(qh, qs, j) + dm.y;
             out[j + 4u] = dm.x * q5x4(qh, qs, j + 4u) + dm.y;
         }
         return out;
     }
     if (WTYPE == 8u) {
-        let w0 = weights[base];
+        let w0 = wload(base);
         let d = unpack2x16float(select(w0, w0 >> 16u, odd)).x;
         var lo = w0;
         for (var j = 0u; j < 8u; j++) {
-            let hi = weights[base + 1u + j];
+            let hi = wload(base + 1u + j);
             out[j] = d * i8x4(select((lo >> 16u) | (hi << 16u), hi, odd));
             lo = hi;
         }

@@ -12,10 +12,26 @@ use crate::gpu::Gpu;
 use crate::pipeline::PipelineKey;
 use crate::tensor::Tensor;
 
+/// A buffer bound to a kernel: all of it, or `size` bytes from `offset` (`range`).
+#[derive(Clone, Copy)]
+pub(crate) struct Binding<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub range: Option<(u64, u64)>,
+}
+
+impl<'a> From<&'a wgpu::Buffer> for Binding<'a> {
+    fn from(buffer: &'a wgpu::Buffer) -> Self {
+        Binding {
+            buffer,
+            range: None,
+        }
+    }
+}
+
 enum Step {
     Dispatch {
         pipeline: Arc<wgpu::ComputePipeline>,
-        buffers: Vec<wgpu::Buffer>,
+        buffers: Vec<(wgpu::Buffer, Option<(u64, u64)>)>,
         params: Option<(u64, u64)>,
         groups: [u32; 3],
     },
@@ -70,6 +86,18 @@ impl<'g> Recorder<'g> {
         buffers: &[&wgpu::Buffer],
         groups: [u32; 3],
     ) -> Result<()> {
+        let bindings: Vec<Binding> = buffers.iter().map(|&b| b.into()).collect();
+        self.dispatch_bound(key, params, &bindings, groups)
+    }
+
+    /// As [`dispatch`](Self::dispatch), with bindings that may be ranges of their buffers.
+    pub(crate) fn dispatch_bound(
+        &mut self,
+        key: &PipelineKey,
+        params: &[u32],
+        buffers: &[Binding],
+        groups: [u32; 3],
+    ) -> Result<()> {
         if groups.contains(&0) {
             return Ok(());
         }
@@ -89,7 +117,10 @@ impl<'g> Recorder<'g> {
             self.arena.resize(offset + size, 0);
             Some((offset as u64, size as u64))
         };
-        let buffers = buffers.iter().map(|b| (*b).clone()).collect();
+        let buffers = buffers
+            .iter()
+            .map(|b| (b.buffer.clone(), b.range))
+            .collect();
         self.steps.push(Step::Dispatch {
             pipeline,
             buffers,
@@ -169,10 +200,20 @@ impl<'g> Recorder<'g> {
                             }),
                         });
                     }
-                    for (i, b) in buffers.iter().enumerate() {
+                    for (i, (b, range)) in buffers.iter().enumerate() {
+                        let resource = match range {
+                            None => b.as_entire_binding(),
+                            Some((offset, size)) => {
+                                wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                    buffer: b,
+                                    offset: *offset,
+                                    size: NonZeroU64::new(*size),
+                                })
+                            }
+                        };
                         entries.push(wgpu::BindGroupEntry {
                             binding: i as u32 + 1,
-                            resource: b.as_entire_binding(),
+                            resource,
                         });
                     }
                     let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {

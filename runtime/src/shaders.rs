@@ -3,6 +3,9 @@
 //! A kernel file is specialised by a preamble of `const` declarations (the "defines"); kernels
 //! that read weights also get `quant.wgsl`, the in-register dequantisation of GGUF blocks.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
 /// Every kernel family's source, by file stem.
 pub const SOURCES: &[(&str, &str)] = &[
     ("quant", include_str!("../../shaders/quant.wgsl")),
@@ -30,27 +33,82 @@ pub const SOURCES: &[(&str, &str)] = &[
 ];
 
 /// Kernel families whose source calls the block dequantisation in `quant.wgsl`.
-const NEEDS_QUANT: &[&str] = &["embedding", "matvec", "matmul", "linear_rows"];
+const NEEDS_QUANT: &[&str] = &[
+    "embedding",
+    "matvec",
+    "matmul",
+    "linear_rows",
+    "linear_rows_ux",
+];
+
+/// Families made from another's source by swapping one declaration: (family, source, the
+/// declaration in the source, its replacement).
+const DERIVED: &[(&str, &str, &str, &str)] = &[
+    // The lane-per-row linear kernel with x in a uniform buffer of XV vec4s: on CPU devices a
+    // uniform load that is the same for every lane is one scalar load, where a storage load
+    // is one load per lane.
+    (
+        "linear_rows_ux",
+        "linear_rows",
+        "var<storage, read> x: array<vec4<f32>>;",
+        "var<uniform> x: array<vec4<f32>, XV>;",
+    ),
+];
 
 /// Returns the source of one file, or `None` for an unknown name.
+///
+/// With `TESSERA_SHADER_DIR` set, a file of that folder with the same name replaces the built-in
+/// source: kernel work can then be tried without rebuilding. Each file is read once per process.
 pub fn source(name: &str) -> Option<&'static str> {
-    SOURCES.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
+    let builtin = SOURCES.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)?;
+    Some(override_from_env(name).unwrap_or(builtin))
+}
+
+fn override_from_env(name: &str) -> Option<&'static str> {
+    static READ: OnceLock<Mutex<HashMap<String, Option<&'static str>>>> = OnceLock::new();
+    let dir = std::env::var_os("TESSERA_SHADER_DIR")?;
+    let mut read = READ.get_or_init(Default::default).lock().ok()?;
+    *read.entry(name.to_string()).or_insert_with(|| {
+        let path = std::path::Path::new(&dir).join(format!("{name}.wgsl"));
+        let text = std::fs::read_to_string(&path).ok()?;
+        log::info!("kernel source {name} from {}", path.display());
+        // Read once and kept for the life of the process, as the built-in sources are.
+        Some(Box::leak(text.into_boxed_str()))
+    })
 }
 
 /// Builds the full WGSL text of `family` specialised by `defines` (name, value as `u32`).
 pub fn assemble(family: &str, defines: &[(&'static str, u32)]) -> Option<String> {
-    let body = source(family)?;
+    let body = match DERIVED.iter().find(|(f, ..)| *f == family) {
+        Some((_, base, from, to)) => {
+            let text = source(base)?;
+            if !text.contains(from) {
+                return None;
+            }
+            std::borrow::Cow::Owned(text.replace(from, to))
+        }
+        None => std::borrow::Cow::Borrowed(source(family)?),
+    };
     let mut text = String::new();
     for (name, value) in defines {
         text.push_str(&format!("const {name}: u32 = {value}u;\n"));
     }
     if NEEDS_QUANT.contains(&family) {
+        text.push_str(WEIGHT_ACCESS);
         text.push_str(source("quant")?);
         text.push('\n');
     }
-    text.push_str(body);
+    text.push_str(&body);
     Some(text)
 }
+
+/// The binding of the weights and `wload(i)`, their i-th 32-bit word, which `quant.wgsl` reads
+/// them through.
+const WEIGHT_ACCESS: &str = "@group(0) @binding(1) var<storage, read> weights: array<u32>;
+fn wload(i: u32) -> u32 {
+    return weights[i];
+}
+";
 
 /// Parses and validates WGSL with naga, returning a readable error.
 pub fn validate(text: &str) -> Result<naga::Module, String> {
@@ -87,6 +145,11 @@ mod tests {
                         let mut d = defines.clone();
                         d.push(("TM", tm));
                         all.push((family, d));
+                    }
+                    for tm in [1, 4] {
+                        let mut d = defines.clone();
+                        d.extend([("TM", tm), ("XV", 96 * tm)]);
+                        all.push(("linear_rows_ux", d));
                     }
                     continue;
                 }

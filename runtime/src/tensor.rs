@@ -388,6 +388,10 @@ const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
 
+/// Activations may also be bound as uniform buffers, which some kernels read them through (see
+/// `ops::linear`).
+const TENSOR: wgpu::BufferUsages = STORAGE.union(wgpu::BufferUsages::UNIFORM);
+
 impl Gpu {
     /// A buffer of at least `size` bytes, from the pool when one is free.
     pub(crate) fn raw_buffer(
@@ -430,7 +434,7 @@ impl Gpu {
                 limit: self.max_binding_size(),
             });
         }
-        let buffer = self.raw_buffer("tensor", bytes, STORAGE)?;
+        let buffer = self.raw_buffer("tensor", bytes, TENSOR)?;
         let buf = Arc::new(PooledBuffer {
             buffer,
             pool: Arc::downgrade(&self.pool),

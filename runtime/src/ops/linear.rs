@@ -6,7 +6,7 @@ use crate::error::{Result, RuntimeError};
 use crate::gpu::KernelLayout;
 use crate::ops::check_len;
 use crate::pipeline::PipelineKey;
-use crate::recorder::{split_groups, Recorder};
+use crate::recorder::{split_groups, Binding, Recorder};
 use crate::tensor::{dequantize_row, Tensor, Weight};
 
 /// Up to this many rows of x, the mat-vec kernel is used.
@@ -59,12 +59,12 @@ pub fn linear(
         )));
     }
     let row_bytes = w.dtype.row_bytes(k)? as u32;
-    let defines = |family| {
-        PipelineKey::new(family, "main")
-            .define("WTYPE", w.dtype.ggml_id())
-            .define("BLOCK_BYTES", w.dtype.wgsl_block_bytes())
-    };
     for part in &w.parts {
+        let defines = |family| {
+            PipelineKey::new(family, "main")
+                .define("WTYPE", w.dtype.ggml_id())
+                .define("BLOCK_BYTES", w.dtype.wgsl_block_bytes())
+        };
         let mut params = vec![
             part.rows as u32,
             k as u32,
@@ -76,7 +76,7 @@ pub fn linear(
             row_bytes,
             out.x_offset as u32,
         ];
-        let buffers = [&part.buffer, x.buffer(), y.buffer()];
+        let buffers = [(&part.buffer).into(), x.buffer().into(), y.buffer().into()];
         let rows_layout = rec.gpu().kernel_layout() == KernelLayout::LanePerRow
             && k.is_multiple_of(4)
             && out.x_offset.is_multiple_of(4);
@@ -87,13 +87,26 @@ pub fn linear(
                 _ => 8,
             };
             params.push(m as u32);
-            let key = defines("linear_rows").define("TM", tm);
             let groups = split_groups(
                 rec.gpu(),
                 (part.rows as u32).div_ceil(64),
                 (m as u32).div_ceil(tm),
             );
-            rec.dispatch(&key, &params, &buffers, groups)?;
+            match uniform_x(rec, x, out.x_offset, m * k) {
+                Some(x_range) if m <= 4 => {
+                    let key = defines("linear_rows_ux")
+                        .define("TM", tm)
+                        .define("XV", (m * k / 4) as u32);
+                    // The kernel indexes x from the start of the bound range.
+                    params[8] = 0;
+                    let bindings = [(&part.buffer).into(), x_range, y.buffer().into()];
+                    rec.dispatch_bound(&key, &params, &bindings, groups)?;
+                }
+                _ => {
+                    let key = defines("linear_rows").define("TM", tm);
+                    rec.dispatch_bound(&key, &params, &buffers, groups)?;
+                }
+            }
         } else if m <= MATVEC_MAX_ROWS {
             let key = defines("matvec")
                 .define("WG", MATVEC_WG)
@@ -103,14 +116,29 @@ pub fn linear(
                 (part.rows as u32).div_ceil(MATVEC_ROWS),
                 m as u32,
             );
-            rec.dispatch(&key, &params, &buffers, groups)?;
+            rec.dispatch_bound(&key, &params, &buffers, groups)?;
         } else {
             params.push(m as u32);
             let groups = [(part.rows as u32).div_ceil(32), (m as u32).div_ceil(32), 1];
-            rec.dispatch(&defines("matmul"), &params, &buffers, groups)?;
+            rec.dispatch_bound(&defines("matmul"), &params, &buffers, groups)?;
         }
     }
     Ok(())
+}
+
+/// The `len` elements of `x` from `offset` as a uniform binding, where the device allows it:
+/// the buffer can be bound as uniform, the offset is aligned and the range fits the limit.
+fn uniform_x<'a>(rec: &Recorder, x: &'a Tensor, offset: usize, len: usize) -> Option<Binding<'a>> {
+    let limits = rec.gpu().limits();
+    let (start, size) = (offset as u64 * 4, len as u64 * 4);
+    let usable = x.buffer().usage().contains(wgpu::BufferUsages::UNIFORM)
+        && start.is_multiple_of(limits.min_uniform_buffer_offset_alignment as u64)
+        && size > 0
+        && size <= limits.max_uniform_buffer_binding_size;
+    usable.then_some(Binding {
+        buffer: x.buffer(),
+        range: Some((start, size)),
+    })
 }
 
 /// CPU reference: `x [m, k]` times the dequantised weight's transpose, accumulated in f64.
