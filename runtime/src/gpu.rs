@@ -115,6 +115,9 @@ pub struct GpuOptions {
     /// Caps the storage-binding size below the adapter's own limit: tests use it to force
     /// weight splitting on any device.
     pub max_binding_override: Option<u64>,
+    /// A directory for the driver's compiled pipelines, reused by the next start (where the
+    /// adapter offers pipeline caches: Vulkan). `None` keeps nothing.
+    pub pipeline_cache_dir: Option<std::path::PathBuf>,
 }
 
 /// An opened device with its queue, limits, pipeline cache and buffer pool.
@@ -269,8 +272,11 @@ impl Gpu {
         let offered = adapter.features();
 
         // Optional features only where present; the kernels run without any of them.
-        let wanted =
+        let mut wanted =
             wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        if options.pipeline_cache_dir.is_some() {
+            wanted |= wgpu::Features::PIPELINE_CACHE;
+        }
         let required_features = offered & wanted;
         let limits = adapter.limits();
         let desc = wgpu::DeviceDescriptor {
@@ -328,6 +334,12 @@ impl Gpu {
             info.driver_info,
             max_binding >> 20
         );
+        let pipelines = match &options.pipeline_cache_dir {
+            Some(dir) if required_features.contains(wgpu::Features::PIPELINE_CACHE) => {
+                PipelineCache::on_disk(&device, &info, dir)
+            }
+            _ => PipelineCache::default(),
+        };
         Ok(Gpu {
             device,
             queue,
@@ -336,7 +348,7 @@ impl Gpu {
             features,
             max_binding,
             layout,
-            pipelines: PipelineCache::default(),
+            pipelines,
             pool: Arc::new(Mutex::new(BufferPool::default())),
             device_error,
         })
@@ -443,5 +455,12 @@ mod tests {
                 other.map(|a| a.get_info())
             ),
         }
+    }
+}
+
+impl Drop for Gpu {
+    /// Keeps the pipelines compiled in this run for the next one (see `GpuOptions`).
+    fn drop(&mut self) {
+        self.pipelines.save();
     }
 }

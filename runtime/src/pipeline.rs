@@ -1,6 +1,8 @@
 //! Compute pipelines, built lazily and cached by a key struct.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Result, RuntimeError};
@@ -29,13 +31,95 @@ impl PipelineKey {
     }
 }
 
-/// Pipelines keyed by [`PipelineKey`]; each is compiled once per device.
+/// Pipelines keyed by [`PipelineKey`]; each is compiled once per device. With a disk cache, the
+/// driver's compiled code is loaded at start and written back when new pipelines were made.
 #[derive(Default)]
 pub struct PipelineCache {
     pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+    disk: Option<DiskCache>,
+}
+
+/// The driver's pipeline cache and the file it is kept in.
+struct DiskCache {
+    cache: wgpu::PipelineCache,
+    path: PathBuf,
+    /// What the file held at start.
+    loaded: Option<Vec<u8>>,
+    /// Pipelines compiled since the cache was loaded.
+    new: AtomicUsize,
 }
 
 impl PipelineCache {
+    /// A cache backed by a file of `dir` named for the adapter and driver (a driver update
+    /// starts a new one). A missing, unreadable or stale file starts an empty cache.
+    pub(crate) fn on_disk(device: &wgpu::Device, info: &wgpu::AdapterInfo, dir: &Path) -> Self {
+        let Some(key) = wgpu::util::pipeline_cache_key(info) else {
+            return Self::default();
+        };
+        let path = dir.join(key);
+        let data = std::fs::read(&path).ok();
+        // SAFETY: the data was written by `get_data` of a cache for the same adapter key (the
+        // file name), and `fallback` makes the driver start empty if it rejects it.
+        let cache = unsafe {
+            device.create_pipeline_cache(&wgpu::PipelineCacheDescriptor {
+                label: Some("tessera pipelines"),
+                data: data.as_deref(),
+                fallback: true,
+            })
+        };
+        log::info!(
+            "pipeline cache {} ({} bytes loaded)",
+            path.display(),
+            data.as_ref().map_or(0, Vec::len)
+        );
+        PipelineCache {
+            pipelines: Mutex::default(),
+            disk: Some(DiskCache {
+                cache,
+                path,
+                loaded: data,
+                new: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// Writes the driver's cache to its file (through a temporary file and a rename) when this
+    /// run compiled pipelines and the driver's data changed. Failures are logged: a cache is
+    /// optional.
+    pub(crate) fn save(&self) {
+        let Some(disk) = &self.disk else { return };
+        if disk.new.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let Some(data) = disk.cache.get_data() else {
+            return;
+        };
+        if disk.loaded.as_ref() == Some(&data) {
+            return;
+        }
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = disk.path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = disk
+                .path
+                .with_extension(format!("tmp-{}", std::process::id()));
+            std::fs::write(&tmp, &data)?;
+            std::fs::rename(&tmp, &disk.path)
+        };
+        match write() {
+            Ok(()) => log::info!(
+                "pipeline cache saved: {} ({} bytes)",
+                disk.path.display(),
+                data.len()
+            ),
+            Err(e) => log::warn!(
+                "could not save the pipeline cache {}: {e}",
+                disk.path.display()
+            ),
+        }
+    }
+
     /// Returns the pipeline for `key`, compiling it on first use.
     pub fn get(
         &self,
@@ -65,10 +149,61 @@ impl PipelineCache {
             module: &module,
             entry_point: Some(key.entry),
             compilation_options: Default::default(),
-            cache: None,
+            cache: self.disk.as_ref().map(|d| &d.cache),
         });
+        if let Some(disk) = &self.disk {
+            disk.new.fetch_add(1, Ordering::Relaxed);
+        }
         let pipeline = Arc::new(pipeline);
         map.insert(key.clone(), pipeline.clone());
         Ok(pipeline)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::gpu::{Gpu, GpuOptions};
+    use crate::ops::rmsnorm;
+    use crate::recorder::Recorder;
+
+    fn norm_of_ones(gpu: &Gpu) -> Vec<f32> {
+        let x = gpu.tensor_from(&[8], &[2.0; 8]).unwrap();
+        let w = gpu.tensor_from(&[8], &[1.0; 8]).unwrap();
+        let y = gpu.tensor(&[8]).unwrap();
+        let mut rec = Recorder::new(gpu);
+        rmsnorm(&mut rec, &x, &w, &y, 1, 8, 0.0).unwrap();
+        rec.submit().unwrap();
+        gpu.read(&y).unwrap()
+    }
+
+    #[test]
+    fn the_disk_cache_is_written_and_a_corrupt_file_is_ignored() {
+        let dir = std::env::temp_dir().join(format!("tessera-pipelines-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let options = GpuOptions {
+            pipeline_cache_dir: Some(dir.clone()),
+            ..Default::default()
+        };
+        let gpu = Gpu::new(&options).unwrap();
+        let on_disk = gpu.pipelines.disk.is_some();
+        assert_eq!(norm_of_ones(&gpu), vec![1.0; 8]);
+        drop(gpu);
+        if !on_disk {
+            // The adapter offers no pipeline cache (GL, Metal, DX12): nothing may be written.
+            assert!(
+                !dir.exists(),
+                "a cache file was written without a driver cache"
+            );
+            return;
+        }
+        let files: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        let path = files[0].path();
+        assert!(std::fs::metadata(&path).unwrap().len() > 0);
+        std::fs::write(&path, b"not a pipeline cache").unwrap();
+        let gpu = Gpu::new(&options).unwrap();
+        assert_eq!(norm_of_ones(&gpu), vec![1.0; 8]);
+        drop(gpu);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -284,6 +284,7 @@ pub(crate) fn model_path(model: &Option<PathBuf>) -> Result<PathBuf> {
 pub(crate) fn open_gpu(selector: &DeviceSelector) -> Result<Arc<Gpu>> {
     let options = GpuOptions {
         selector: selector.clone(),
+        pipeline_cache_dir: fetch::cache_dir().ok().map(|d| d.join("pipelines")),
         ..Default::default()
     };
     Ok(Arc::new(Gpu::new(&options)?))
