@@ -16,6 +16,10 @@ pub const SOURCES: &[(&str, &str)] = &[
         "linear_rows",
         include_str!("../../shaders/linear_rows.wgsl"),
     ),
+    (
+        "matvec_rows",
+        include_str!("../../shaders/matvec_rows.wgsl"),
+    ),
     ("rmsnorm", include_str!("../../shaders/rmsnorm.wgsl")),
     ("rope", include_str!("../../shaders/rope.wgsl")),
     ("attention", include_str!("../../shaders/attention.wgsl")),
@@ -39,6 +43,7 @@ const NEEDS_QUANT: &[&str] = &[
     "matmul",
     "linear_rows",
     "linear_rows_ux",
+    "matvec_rows",
 ];
 
 /// Families made from another's source by swapping one declaration: (family, source, the
@@ -151,6 +156,9 @@ mod tests {
                         d.extend([("TM", tm), ("XV", 96 * tm)]);
                         all.push(("linear_rows_ux", d));
                     }
+                    let mut d = defines.clone();
+                    d.push(("XV", 96));
+                    all.push(("matvec_rows", d));
                     continue;
                 }
                 all.push((family, defines));

@@ -93,6 +93,14 @@ pub fn linear(
                 (m as u32).div_ceil(tm),
             );
             match uniform_x(rec, x, out.x_offset, m * k) {
+                // Two rows of W a lane share each load of x: faster for 32-element blocks
+                // (lavapipe, Q4_1 1536x576: 0.7 -> 0.45 ms), no faster for K-quants.
+                Some(x_range) if m == 1 && w.dtype.block_size() != 256 => {
+                    let key = defines("matvec_rows").define("XV", (k / 4) as u32);
+                    let groups = split_groups(rec.gpu(), (part.rows as u32).div_ceil(128), 1);
+                    let bindings = [(&part.buffer).into(), x_range, y.buffer().into()];
+                    rec.dispatch_bound(&key, &params, &bindings, groups)?;
+                }
                 Some(x_range) if m <= 4 => {
                     let key = defines("linear_rows_ux")
                         .define("TM", tm)

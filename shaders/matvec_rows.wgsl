@@ -1,0 +1,79 @@
+// y[n] = W[n, :] . x for one row of x (decoding) on CPU devices, whose SIMD lanes are
+// invocations: each invocation owns two rows of W, n and n + 64 of its workgroup's 128.
+//
+// x is a uniform binding: a load of x is the same for every lane, which the device can serve
+// with one scalar load, and each serves both rows. Row indices past the part are clamped and
+// their results dropped, so every lane runs the same loads. x is read as vec4 (k is a multiple
+// of 4); the parameters are those of `linear_rows.wgsl`, of which this is the m = 1 case.
+
+struct Params {
+    n: u32,          // rows in this part of W
+    k: u32,          // row length
+    row_offset: u32, // output column of the part's first row
+    y_stride: u32,   // unused (one row of y)
+    y_offset: u32,   // element offset of y[0]
+    x_stride: u32,   // unused (one row of x)
+    accumulate: u32, // 1: y += W x instead of y = W x
+    row_bytes: u32,  // bytes of one row of W
+    x_offset: u32,   // unused: x is bound from its first element
+    m: u32,          // unused: 1
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+// binding 1: the weights, declared with `wload` (see quant.wgsl).
+@group(0) @binding(2) var<uniform> x: array<vec4<f32>, XV>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+
+fn sum4(v: vec4<f32>) -> f32 {
+    return (v.x + v.y) + (v.z + v.w);
+}
+
+fn store(n: u32, value: f32) {
+    if (n < p.n) {
+        let i = p.y_offset + p.row_offset + n;
+        if (p.accumulate == 1u) {
+            y[i] += value;
+        } else {
+            y[i] = value;
+        }
+    }
+}
+
+@compute @workgroup_size(64)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let n0 = (wid.x + wid.y * nwg.x) * 128u + lid;
+    let n1 = n0 + 64u;
+    let row0 = min(n0, p.n - 1u) * p.row_bytes;
+    let row1 = min(n1, p.n - 1u) * p.row_bytes;
+    var acc0 = 0.0;
+    var acc1 = 0.0;
+    let blocks = p.k / 32u;
+    // 32-element groups for K-quants too: a pair of groups for each of two rows
+    // (`dequant_group_pair`) needs more registers than the device has. (The runtime sends
+    // K-quants to `linear_rows.wgsl`, where they run as fast; measured on lavapipe.)
+    for (var b = 0u; b < blocks; b++) {
+        let w0 = dequant_group(row0, b);
+        let w1 = dequant_group(row1, b);
+        var s0 = vec4<f32>(0.0);
+        var s1 = vec4<f32>(0.0);
+        for (var j = 0u; j < 8u; j++) {
+            let xv = x[8u * b + j];
+            s0 += w0[j] * xv;
+            s1 += w1[j] * xv;
+        }
+        acc0 += sum4(s0);
+        acc1 += sum4(s1);
+    }
+    // F32 and F16 rows need not be whole groups of 32.
+    for (var g = 8u * blocks; g < p.k / 4u; g++) {
+        let xv = x[g];
+        acc0 += dot(dequant4(row0, g), xv);
+        acc1 += dot(dequant4(row1, g), xv);
+    }
+    store(n0, acc0);
+    store(n1, acc1);
+}
