@@ -7,7 +7,7 @@ use crate::gpu::KernelLayout;
 use crate::ops::check_len;
 use crate::pipeline::PipelineKey;
 use crate::recorder::{split_groups, Binding, Recorder};
-use crate::tensor::{dequantize_row, Tensor, Weight};
+use crate::tensor::{dequantize_row, Tensor, Weight, WeightPart};
 
 /// Up to this many rows of x, the mat-vec kernel is used.
 pub const MATVEC_MAX_ROWS: usize = 4;
@@ -81,40 +81,8 @@ pub fn linear(
             && k.is_multiple_of(4)
             && out.x_offset.is_multiple_of(4);
         if rows_layout {
-            let tm = match m {
-                0..=1 => 1,
-                2..=4 => 4,
-                _ => 8,
-            };
             params.push(m as u32);
-            let groups = split_groups(
-                rec.gpu(),
-                (part.rows as u32).div_ceil(64),
-                (m as u32).div_ceil(tm),
-            );
-            match uniform_x(rec, x, out.x_offset, m * k) {
-                // Two rows of W a lane share each load of x: faster for 32-element blocks
-                // (lavapipe, Q4_1 1536x576: 0.7 -> 0.45 ms), no faster for K-quants.
-                Some(x_range) if m == 1 && w.dtype.block_size() != 256 => {
-                    let key = defines("matvec_rows").define("XV", (k / 4) as u32);
-                    let groups = split_groups(rec.gpu(), (part.rows as u32).div_ceil(128), 1);
-                    let bindings = [(&part.buffer).into(), x_range, y.buffer().into()];
-                    rec.dispatch_bound(&key, &params, &bindings, groups)?;
-                }
-                Some(x_range) if m <= 4 => {
-                    let key = defines("linear_rows_ux")
-                        .define("TM", tm)
-                        .define("XV", (m * k / 4) as u32);
-                    // The kernel indexes x from the start of the bound range.
-                    params[8] = 0;
-                    let bindings = [(&part.buffer).into(), x_range, y.buffer().into()];
-                    rec.dispatch_bound(&key, &params, &bindings, groups)?;
-                }
-                _ => {
-                    let key = defines("linear_rows").define("TM", tm);
-                    rec.dispatch_bound(&key, &params, &buffers, groups)?;
-                }
-            }
+            linear_rows(rec, w, part, x, m, y, out, params)?;
         } else if m <= MATVEC_MAX_ROWS {
             let key = defines("matvec")
                 .define("WG", MATVEC_WG)
@@ -132,6 +100,76 @@ pub fn linear(
         }
     }
     Ok(())
+}
+
+/// The lane-per-row kernels (CPU devices) for one part of W. x goes through uniform bindings
+/// where the device allows it, in windows of rows that fit one binding: a load of x is then one
+/// scalar load for all lanes, where a storage load is one load per lane.
+#[allow(clippy::too_many_arguments)]
+fn linear_rows(
+    rec: &mut Recorder,
+    w: &Weight,
+    part: &WeightPart,
+    x: &Tensor,
+    m: usize,
+    y: &Tensor,
+    out: LinearOut,
+    mut params: Vec<u32>,
+) -> Result<()> {
+    let k = w.cols;
+    let tm = match m {
+        0..=1 => 1,
+        2..=4 => 4,
+        _ => 8,
+    };
+    let defines = |family| {
+        PipelineKey::new(family, "main")
+            .define("WTYPE", w.dtype.ggml_id())
+            .define("BLOCK_BYTES", w.dtype.wgsl_block_bytes())
+            .define("TM", tm as u32)
+    };
+    let gpu = rec.gpu();
+    let groups = |rows_of_x: usize| {
+        split_groups(
+            gpu,
+            (part.rows as u32).div_ceil(64),
+            (rows_of_x as u32).div_ceil(tm as u32),
+        )
+    };
+    // Rows of x per uniform window: whole multiples of TM.
+    let limits = gpu.limits();
+    let window = (limits.max_uniform_buffer_binding_size as usize / (4 * k.max(1))) / tm * tm;
+    let row_aligned = (k * 4).is_multiple_of(limits.min_uniform_buffer_offset_alignment as usize);
+    let windows = window > 0 && (m <= window || row_aligned);
+    match uniform_x(rec, x, out.x_offset, m.min(window.max(1)) * k) {
+        // Two rows of W a lane share each load of x: faster for 32-element blocks (lavapipe,
+        // Q4_1 1536x576: 0.7 -> 0.45 ms), no faster for K-quants.
+        Some(x_range) if m == 1 && w.dtype.block_size() != 256 => {
+            let key = defines("matvec_rows").define("XV", (k / 4) as u32);
+            let groups = split_groups(gpu, (part.rows as u32).div_ceil(128), 1);
+            let bindings = [(&part.buffer).into(), x_range, y.buffer().into()];
+            rec.dispatch_bound(&key, &params, &bindings, groups)
+        }
+        Some(_) if windows => {
+            for start in (0..m).step_by(window) {
+                let rows = window.min(m - start);
+                let x_range = uniform_x(rec, x, out.x_offset + start * k, rows * k)
+                    .ok_or_else(|| RuntimeError::Shape("x window past its tensor".into()))?;
+                let key = defines("linear_rows_ux").define("XV", (rows * k / 4) as u32);
+                params[4] = (out.offset + start * out.stride) as u32;
+                // The kernel indexes x from the start of the bound range.
+                params[8] = 0;
+                params[9] = rows as u32;
+                let bindings = [(&part.buffer).into(), x_range, y.buffer().into()];
+                rec.dispatch_bound(&key, &params, &bindings, groups(rows))?;
+            }
+            Ok(())
+        }
+        _ => {
+            let buffers = [&part.buffer, x.buffer(), y.buffer()];
+            rec.dispatch(&defines("linear_rows"), &params, &buffers, groups(m))
+        }
+    }
 }
 
 /// The `len` elements of `x` from `offset` as a uniform binding, where the device allows it:
