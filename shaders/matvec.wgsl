@@ -1,7 +1,9 @@
 // y[m, n] = sum_k x[m, k] * W[n, k]: matrix-vector products for decoding (few rows of x).
 //
 // Work split: ROWS output rows per workgroup of WG threads; the TPR = WG / ROWS threads of a row
-// stride over its groups of four elements, then reduce in workgroup memory. Workgroups are
+// stride over its groups of four elements, then sum their partial sums with `row_sum`: by
+// subgroup shuffles where the device has subgroups of at least TPR lanes, in workgroup memory
+// otherwise (the runtime includes one of `row_sum_subgroup.wgsl`, `row_sum_shared.wgsl`). Workgroups are
 // linear over x and y (see `split_groups`); z indexes the row m of x. W is one row range of a
 // weight (a part), whose first row is output column `row_offset`.
 
@@ -23,7 +25,6 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 
 const TPR: u32 = WG / ROWS;
-var<workgroup> partial: array<f32, WG>;
 
 fn x4(base: u32, g: u32) -> vec4<f32> {
     let i = base + 4u * g;
@@ -57,20 +58,13 @@ fn main(
             }
         }
     }
-    partial[lid] = acc;
-    workgroupBarrier();
-    for (var s = TPR / 2u; s > 0u; s >>= 1u) {
-        if (t < s) {
-            partial[lid] += partial[lid + s];
-        }
-        workgroupBarrier();
-    }
+    let sum = row_sum(acc, lid, t);
     if (t == 0u && n < p.n) {
         let i = p.y_offset + m * p.y_stride + p.row_offset + n;
         if (p.accumulate == 1u) {
-            y[i] += partial[lid];
+            y[i] += sum;
         } else {
-            y[i] = partial[lid];
+            y[i] = sum;
         }
     }
 }

@@ -118,6 +118,9 @@ pub struct GpuOptions {
     /// A directory for the driver's compiled pipelines, reused by the next start (where the
     /// adapter offers pipeline caches: Vulkan). `None` keeps nothing.
     pub pipeline_cache_dir: Option<std::path::PathBuf>,
+    /// Leaves subgroup operations off even where the adapter offers them, so that tests can run
+    /// the kernels' fallbacks on any device.
+    pub no_subgroups: bool,
 }
 
 /// An opened device with its queue, limits, pipeline cache and buffer pool.
@@ -276,6 +279,9 @@ impl Gpu {
             wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
         if options.pipeline_cache_dir.is_some() {
             wanted |= wgpu::Features::PIPELINE_CACHE;
+        }
+        if options.no_subgroups {
+            wanted.remove(wgpu::Features::SUBGROUP);
         }
         let required_features = offered & wanted;
         let limits = adapter.limits();

@@ -13,6 +13,14 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("matvec", include_str!("../../shaders/matvec.wgsl")),
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
     (
+        "row_sum_subgroup",
+        include_str!("../../shaders/row_sum_subgroup.wgsl"),
+    ),
+    (
+        "row_sum_shared",
+        include_str!("../../shaders/row_sum_shared.wgsl"),
+    ),
+    (
         "linear_rows",
         include_str!("../../shaders/linear_rows.wgsl"),
     ),
@@ -45,6 +53,9 @@ const NEEDS_QUANT: &[&str] = &[
     "linear_rows_ux",
     "matvec_rows",
 ];
+
+/// Kernel families that call `row_sum`.
+const ROW_SUM: &[&str] = &["matvec"];
 
 /// Families made from another's source by swapping one declaration: (family, source, the
 /// declaration in the source, its replacement).
@@ -95,12 +106,24 @@ pub fn assemble(family: &str, defines: &[(&'static str, u32)]) -> Option<String>
         None => std::borrow::Cow::Borrowed(source(family)?),
     };
     let mut text = String::new();
+    // Families that sum over the threads of a row get `row_sum` by subgroup shuffles (define
+    // SUBGROUP = 1; the device must have the subgroup feature, which naga takes without an
+    // `enable` directive) or through workgroup memory.
+    let subgroup = defines.contains(&("SUBGROUP", 1));
     for (name, value) in defines {
         text.push_str(&format!("const {name}: u32 = {value}u;\n"));
     }
     if NEEDS_QUANT.contains(&family) {
         text.push_str(WEIGHT_ACCESS);
         text.push_str(source("quant")?);
+        text.push('\n');
+    }
+    if ROW_SUM.contains(&family) {
+        text.push_str(source(if subgroup {
+            "row_sum_subgroup"
+        } else {
+            "row_sum_shared"
+        })?);
         text.push('\n');
     }
     text.push_str(&body);
@@ -138,12 +161,17 @@ mod tests {
         let mut all = Vec::new();
         for family in ["matvec", "matmul", "embedding", "linear_rows"] {
             for dtype in DType::ALL {
-                let mut defines = vec![
+                let defines = vec![
                     ("WTYPE", dtype.ggml_id()),
                     ("BLOCK_BYTES", dtype.wgsl_block_bytes()),
                 ];
                 if family == "matvec" {
-                    defines.extend([("WG", 64), ("ROWS", 4)]);
+                    for (rows, subgroup) in [(4, 0), (4, 1), (8, 1), (2, 1)] {
+                        let mut d = defines.clone();
+                        d.extend([("WG", 64), ("ROWS", rows), ("SUBGROUP", subgroup)]);
+                        all.push((family, d));
+                    }
+                    continue;
                 }
                 if family == "linear_rows" {
                     for tm in [1, 4, 8] {
@@ -187,7 +215,8 @@ mod tests {
     #[test]
     fn every_wgsl_file_validates_with_naga_in_every_specialisation() {
         let specs = specialisations();
-        for (name, _) in SOURCES.iter().filter(|(n, _)| *n != "quant") {
+        let included = ["quant", "row_sum_subgroup", "row_sum_shared"];
+        for (name, _) in SOURCES.iter().filter(|(n, _)| !included.contains(n)) {
             assert!(
                 specs.iter().any(|(f, _)| f == name),
                 "{name}.wgsl is never validated"

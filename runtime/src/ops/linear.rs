@@ -3,7 +3,7 @@
 //! matmul; a weight split into row ranges runs once per part.
 
 use crate::error::{Result, RuntimeError};
-use crate::gpu::KernelLayout;
+use crate::gpu::{Gpu, KernelLayout};
 use crate::ops::check_len;
 use crate::pipeline::PipelineKey;
 use crate::recorder::{split_groups, Binding, Recorder};
@@ -13,7 +13,21 @@ use crate::tensor::{dequantize_row, Tensor, Weight, WeightPart};
 pub const MATVEC_MAX_ROWS: usize = 4;
 
 const MATVEC_WG: u32 = 64;
-const MATVEC_ROWS: u32 = 4;
+/// Threads that share a row in the cooperative mat-vec, at most.
+const MATVEC_TPR: u32 = 16;
+
+/// Rows per workgroup of the cooperative mat-vec, and whether its threads sum a row by subgroup
+/// shuffles: they can where subgroups hold all of a row's threads (16, or 8 on devices whose
+/// subgroups are 8 wide); elsewhere they sum through workgroup memory.
+fn matvec_split(gpu: &Gpu) -> (u32, bool) {
+    let f = gpu.features();
+    let tpr = MATVEC_TPR.min(f.subgroup_min_size.max(1).next_power_of_two());
+    if f.subgroup && f.subgroup_min_size >= tpr && tpr >= 4 {
+        (MATVEC_WG / tpr, true)
+    } else {
+        (MATVEC_WG / MATVEC_TPR, false)
+    }
+}
 
 /// Where a linear layer reads and writes: row r of x starts at `x[x_offset + r * k]`, and
 /// column c of that row's output lands at `y[offset + r * stride + c]`.
@@ -84,14 +98,12 @@ pub fn linear(
             params.push(m as u32);
             linear_rows(rec, w, part, x, m, y, out, params)?;
         } else if m <= MATVEC_MAX_ROWS {
+            let (rows, subgroup) = matvec_split(rec.gpu());
             let key = defines("matvec")
                 .define("WG", MATVEC_WG)
-                .define("ROWS", MATVEC_ROWS);
-            let groups = split_groups(
-                rec.gpu(),
-                (part.rows as u32).div_ceil(MATVEC_ROWS),
-                m as u32,
-            );
+                .define("ROWS", rows)
+                .define("SUBGROUP", subgroup as u32);
+            let groups = split_groups(rec.gpu(), (part.rows as u32).div_ceil(rows), m as u32);
             rec.dispatch_bound(&key, &params, &buffers, groups)?;
         } else {
             params.push(m as u32);
@@ -251,6 +263,39 @@ mod tests {
                     for gpu in gpus() {
                         check(gpu, dtype, m, n, k, 10 * i as u64 + m as u64);
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_cooperative_matvec_sums_rows_with_and_without_subgroups() {
+        for no_subgroups in [false, true] {
+            let gpu = Gpu::new(&GpuOptions {
+                layout: Some(KernelLayout::Cooperative),
+                no_subgroups,
+                ..Default::default()
+            })
+            .unwrap();
+            let (rows, subgroup) = matvec_split(&gpu);
+            assert!(
+                !(no_subgroups && subgroup),
+                "subgroups used though turned off"
+            );
+            if !no_subgroups && gpu.features().subgroup && gpu.features().subgroup_min_size >= 4 {
+                assert!(
+                    subgroup,
+                    "the device has subgroups, the kernel does not use them"
+                );
+            }
+            assert!(MATVEC_WG / rows <= MATVEC_TPR);
+            for (dtype, n, k) in [
+                (DType::Q4_1, 37, 96),
+                (DType::Q6_K, 19, 512),
+                (DType::F16, 9, 61),
+            ] {
+                for m in [1, 3] {
+                    check(&gpu, dtype, m, n, k, 40 + m as u64);
                 }
             }
         }
