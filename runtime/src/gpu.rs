@@ -413,6 +413,13 @@ impl Gpu {
     }
 }
 
+impl Drop for Gpu {
+    /// Keeps the pipelines compiled in this run for the next one (see `GpuOptions`).
+    fn drop(&mut self) {
+        self.pipelines.save();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -461,12 +468,5 @@ mod tests {
                 other.map(|a| a.get_info())
             ),
         }
-    }
-}
-
-impl Drop for Gpu {
-    /// Keeps the pipelines compiled in this run for the next one (see `GpuOptions`).
-    fn drop(&mut self) {
-        self.pipelines.save();
     }
 }
