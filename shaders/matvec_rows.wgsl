@@ -5,6 +5,11 @@
 // with one scalar load, and each serves both rows. Row indices past the part are clamped and
 // their results dropped, so every lane runs the same loads. x is read as vec4 (k is a multiple
 // of 4); the parameters are those of `linear_rows.wgsl`, of which this is the m = 1 case.
+//
+// With SWIGLU = 1 the two rows of a lane are row n of the gate projection and row n of the up
+// projection, bound as two buffers read as one (`split` words of gate, then up; see the runtime's
+// `WEIGHT_ACCESS_SPLIT`), and the lane writes silu(gate) * up: the feed-forward's first half
+// in one dispatch. Its workgroups then cover 64 rows each.
 
 struct Params {
     n: u32,          // rows in this part of W
@@ -17,6 +22,7 @@ struct Params {
     row_bytes: u32,  // bytes of one row of W
     x_offset: u32,   // unused: x is bound from its first element
     m: u32,          // unused: 1
+    split: u32,      // SWIGLU: words of the gate projection, where the up projection starts
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -45,10 +51,16 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let n0 = (wid.x + wid.y * nwg.x) * 128u + lid;
-    let n1 = n0 + 64u;
-    let row0 = min(n0, p.n - 1u) * p.row_bytes;
-    let row1 = min(n1, p.n - 1u) * p.row_bytes;
+    var n0 = (wid.x + wid.y * nwg.x) * 128u + lid;
+    var n1 = n0 + 64u;
+    var row0 = min(n0, p.n - 1u) * p.row_bytes;
+    var row1 = min(n1, p.n - 1u) * p.row_bytes;
+    if (SWIGLU == 1u) {
+        n0 = (wid.x + wid.y * nwg.x) * 64u + lid;
+        n1 = n0;
+        row0 = min(n0, p.n - 1u) * p.row_bytes;
+        row1 = 4u * p.split + row0;
+    }
     var acc0 = 0.0;
     var acc1 = 0.0;
     let blocks = p.k / 32u;
@@ -74,6 +86,10 @@ fn main(
         acc0 += dot(dequant4(row0, g), xv);
         acc1 += dot(dequant4(row1, g), xv);
     }
-    store(n0, acc0);
-    store(n1, acc1);
+    if (SWIGLU == 1u) {
+        store(n0, acc0 / (1.0 + exp(-acc0)) * acc1);
+    } else {
+        store(n0, acc0);
+        store(n1, acc1);
+    }
 }

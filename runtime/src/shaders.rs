@@ -114,7 +114,11 @@ pub fn assemble(family: &str, defines: &[(&'static str, u32)]) -> Option<String>
         text.push_str(&format!("const {name}: u32 = {value}u;\n"));
     }
     if NEEDS_QUANT.contains(&family) {
-        text.push_str(WEIGHT_ACCESS);
+        text.push_str(if defines.contains(&("SWIGLU", 1)) {
+            WEIGHT_ACCESS_SPLIT
+        } else {
+            WEIGHT_ACCESS
+        });
         text.push_str(source("quant")?);
         text.push('\n');
     }
@@ -135,6 +139,18 @@ pub fn assemble(family: &str, defines: &[(&'static str, u32)]) -> Option<String>
 const WEIGHT_ACCESS: &str = "@group(0) @binding(1) var<storage, read> weights: array<u32>;
 fn wload(i: u32) -> u32 {
     return weights[i];
+}
+";
+
+/// Two weights read as one (define SWIGLU = 1): the first `p.split` words from binding 1, the
+/// rest from binding 4.
+const WEIGHT_ACCESS_SPLIT: &str = "@group(0) @binding(1) var<storage, read> weights: array<u32>;
+@group(0) @binding(4) var<storage, read> weights_b: array<u32>;
+fn wload(i: u32) -> u32 {
+    if (i < p.split) {
+        return weights[i];
+    }
+    return weights_b[i - p.split];
 }
 ";
 
@@ -184,9 +200,11 @@ mod tests {
                         d.extend([("TM", tm), ("XV", 96 * tm)]);
                         all.push(("linear_rows_ux", d));
                     }
-                    let mut d = defines.clone();
-                    d.push(("XV", 96));
-                    all.push(("matvec_rows", d));
+                    for swiglu in [0, 1] {
+                        let mut d = defines.clone();
+                        d.extend([("XV", 96), ("SWIGLU", swiglu)]);
+                        all.push(("matvec_rows", d));
+                    }
                     continue;
                 }
                 all.push((family, defines));

@@ -506,16 +506,19 @@ impl<'m> Session<'m> {
             // Feed-forward: SwiGLU, its down projection added into the residual stream.
             ops::rmsnorm(rec, &s.x, &layer.ffn_norm, &s.xn, n, d, c.rms_eps)?;
             observe(rec, l, Site::FfnNorm, &s.xn)?;
-            ops::linear(
-                rec,
-                &layer.ffn_gate,
-                &s.xn,
-                n,
-                &s.gate,
-                LinearOut::dense(ff),
-            )?;
-            ops::linear(rec, &layer.ffn_up, &s.xn, n, &s.up, LinearOut::dense(ff))?;
-            ops::swiglu(rec, &s.gate, &s.up, n * ff)?;
+            // Decoding runs gate, up and SwiGLU in one kernel where the device has it.
+            if n != 1 || !ops::linear_swiglu(rec, &layer.ffn_gate, &layer.ffn_up, &s.xn, &s.gate)? {
+                ops::linear(
+                    rec,
+                    &layer.ffn_gate,
+                    &s.xn,
+                    n,
+                    &s.gate,
+                    LinearOut::dense(ff),
+                )?;
+                ops::linear(rec, &layer.ffn_up, &s.xn, n, &s.up, LinearOut::dense(ff))?;
+                ops::swiglu(rec, &s.gate, &s.up, n * ff)?;
+            }
             observe(rec, l, Site::SwiGlu, &s.gate)?;
             ops::linear(rec, &layer.ffn_down, &s.gate, n, &s.x, residual)?;
         }

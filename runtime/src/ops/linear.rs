@@ -157,9 +157,12 @@ fn linear_rows(
         // Two rows of W a lane share each load of x: faster for 32-element blocks (lavapipe,
         // Q4_1 1536x576: 0.7 -> 0.45 ms), no faster for K-quants.
         Some(x_range) if m == 1 && w.dtype.block_size() != 256 => {
-            let key = defines("matvec_rows").define("XV", (k / 4) as u32);
+            let key = defines("matvec_rows")
+                .define("XV", (k / 4) as u32)
+                .define("SWIGLU", 0);
             let groups = split_groups(gpu, (part.rows as u32).div_ceil(128), 1);
             let bindings = [(&part.buffer).into(), x_range, y.buffer().into()];
+            params.push(0);
             rec.dispatch_bound(&key, &params, &bindings, groups)
         }
         Some(_) if windows => {
@@ -182,6 +185,60 @@ fn linear_rows(
             rec.dispatch(&defines("linear_rows"), &params, &buffers, groups(m))
         }
     }
+}
+
+/// Records `y = silu(x gate^T) * (x up^T)` for one row of x (decoding), in one dispatch, where
+/// the device and the weights allow it: the lane-per-row layout, x bindable as uniform, gate
+/// and up of one 32-element block type, each in one part. Returns `false` (recording nothing)
+/// otherwise; the caller then runs the two projections and [`swiglu`](crate::ops::swiglu).
+pub fn linear_swiglu(
+    rec: &mut Recorder,
+    gate: &Weight,
+    up: &Weight,
+    x: &Tensor,
+    y: &Tensor,
+) -> Result<bool> {
+    let (n, k) = (gate.rows, gate.cols);
+    let row_bytes = gate.dtype.row_bytes(k)?;
+    let fits = rec.gpu().kernel_layout() == KernelLayout::LanePerRow
+        && (up.dtype, up.rows, up.cols) == (gate.dtype, n, k)
+        && gate.dtype.block_size() != 256
+        && gate.parts.len() == 1
+        && up.parts.len() == 1
+        && k.is_multiple_of(4)
+        && (n * row_bytes).is_multiple_of(4);
+    let x_range = match uniform_x(rec, x, 0, k) {
+        Some(range) if fits => range,
+        _ => return Ok(false),
+    };
+    check_len("linear_swiglu output", y, n)?;
+    let key = PipelineKey::new("matvec_rows", "main")
+        .define("WTYPE", gate.dtype.ggml_id())
+        .define("BLOCK_BYTES", gate.dtype.wgsl_block_bytes())
+        .define("XV", (k / 4) as u32)
+        .define("SWIGLU", 1);
+    let params = [
+        n as u32,
+        k as u32,
+        0,
+        n as u32,
+        0,
+        k as u32,
+        0,
+        row_bytes as u32,
+        0,
+        1,
+        (n * row_bytes / 4) as u32,
+    ];
+    let groups = split_groups(rec.gpu(), (n as u32).div_ceil(64), 1);
+    let bindings = [
+        (&gate.parts[0].buffer).into(),
+        x_range,
+        y.buffer().into(),
+        (&up.parts[0].buffer).into(),
+    ];
+    rec.dispatch_bound(&key, &params, &bindings, groups)?;
+    Ok(true)
 }
 
 /// The `len` elements of `x` from `offset` as a uniform binding, where the device allows it:
@@ -299,6 +356,49 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn fused_gate_up_swiglu_matches_the_unfused_kernels() {
+        let gpu = gpu();
+        for (dtype, n, k) in [
+            (DType::Q4_1, 67, 96),
+            (DType::Q8_0, 130, 64),
+            (DType::F16, 5, 12),
+        ] {
+            let gate_bytes = random_weight(dtype, n, k, 1);
+            let up_bytes = random_weight(dtype, n, k, 2);
+            let gate = gpu.upload_weight("gate", dtype, n, k, &gate_bytes).unwrap();
+            let up = gpu.upload_weight("up", dtype, n, k, &up_bytes).unwrap();
+            let x = gpu.tensor_from(&[k], &random_f32(k, 3)).unwrap();
+            let (g, u, fused) = (
+                gpu.tensor(&[n]).unwrap(),
+                gpu.tensor(&[n]).unwrap(),
+                gpu.tensor(&[n]).unwrap(),
+            );
+            let mut rec = Recorder::new(gpu);
+            assert!(linear_swiglu(&mut rec, &gate, &up, &x, &fused).unwrap());
+            linear(&mut rec, &gate, &x, 1, &g, LinearOut::dense(n)).unwrap();
+            linear(&mut rec, &up, &x, 1, &u, LinearOut::dense(n)).unwrap();
+            crate::ops::swiglu(&mut rec, &g, &u, n).unwrap();
+            rec.submit().unwrap();
+            let (want, got) = (gpu.read(&g).unwrap(), gpu.read(&fused).unwrap());
+            let err = max_rel_err(&got, &want);
+            assert!(err < 1e-5, "{dtype:?} {n}x{k}: fused differs by {err}");
+        }
+        // K-quants and a mismatch of types are left to the caller.
+        let q = gpu
+            .upload_weight(
+                "q",
+                DType::Q4_K,
+                4,
+                256,
+                &random_weight(DType::Q4_K, 4, 256, 4),
+            )
+            .unwrap();
+        let x = gpu.tensor_from(&[256], &random_f32(256, 5)).unwrap();
+        let y = gpu.tensor(&[4]).unwrap();
+        assert!(!linear_swiglu(&mut Recorder::new(gpu), &q, &q, &x, &y).unwrap());
     }
 
     #[test]
