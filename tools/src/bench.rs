@@ -677,9 +677,9 @@ fn write_raw(text: &str) -> Result<()> {
 }
 
 const MEMCPY_COLUMNS: &[Column] = &[
-    Column("device", 24, false),
+    Column("device", 32, false),
     Column("backend", 7, false),
-    Column("driver", 24, false),
+    Column("driver", 34, false),
     Column("copied", 10, true),
     Column("best GB/s", 9, true),
     Column("median GB/s", 11, true),
