@@ -3,30 +3,9 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn tessera(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(args)
-        .output()
-        .expect("tessera runs")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_clean_failure(out: &Output, needles: &[&str]) {
-    let err = stderr(out);
-    assert!(!out.status.success(), "expected failure, stderr: {err}");
-    assert!(!err.contains("panicked"), "panicked: {err}");
-    for needle in needles {
-        assert!(
-            err.to_lowercase().contains(&needle.to_lowercase()),
-            "{needle:?} not in: {err}"
-        );
-    }
-}
+use common::{assert_clean_failure, stderr, tessera};
 
 /// A minimal GGUF v3 file with string metadata and no tensors.
 fn gguf_with_metadata(pairs: &[(&str, &str)]) -> Vec<u8> {

@@ -2,8 +2,10 @@
 //!
 //! It chooses an adapter and reads its limits, owns buffers and compute pipelines, records
 //! dispatches into command buffers, and holds every kernel family (WGSL from `shaders/`, its
-//! dispatch code and a CPU reference). It also reads model files (GGUF over mmap).
+//! dispatch code and a CPU reference). It also reads model files (GGUF over mmap) and measures
+//! the device's copy bandwidth.
 
+pub mod bandwidth;
 pub mod error;
 pub mod gpu;
 pub mod io;
@@ -18,4 +20,4 @@ pub mod testing;
 pub use error::{Result, RuntimeError};
 pub use gpu::{enumerate_adapters, AdapterReport, DeviceSelector, Gpu, GpuOptions, KernelLayout};
 pub use recorder::{ReadId, Recorder};
-pub use tensor::{dequantize_row, DType, Tensor, Weight};
+pub use tensor::{dequantize_row, synthetic_pattern, DType, Tensor, Weight};

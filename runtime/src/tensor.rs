@@ -307,6 +307,26 @@ pub fn dequantize_row(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Bytes of host data a synthetic weight starts from, at most.
+const SYNTHETIC_PATTERN_BYTES: usize = 256 << 10;
+
+/// The rows a [`Gpu::synthetic_weight`] of this shape and seed repeats: how many, and their
+/// bytes (valid blocks from [`random_weight`](crate::testing::random_weight)). Where the
+/// pattern is shorter than the weight it holds a multiple of 4 rows, so it is a multiple of 4
+/// bytes and each repeat starts where a buffer copy may.
+pub fn synthetic_pattern(
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    seed: u64,
+) -> Result<(usize, Vec<u8>)> {
+    let row_bytes = dtype.row_bytes(cols)?.max(1);
+    let fit = (SYNTHETIC_PATTERN_BYTES / row_bytes).max(4) / 4 * 4;
+    let pattern_rows = fit.min(rows).max(1);
+    let bytes = crate::testing::random_weight(dtype, pattern_rows, cols, seed);
+    Ok((pattern_rows, bytes))
+}
+
 /// A pooled device buffer that goes back to the pool when the last handle drops.
 pub(crate) struct PooledBuffer {
     pub(crate) buffer: wgpu::Buffer,
@@ -498,7 +518,75 @@ impl Gpu {
                 rows * row_bytes
             )));
         }
-        // 8 bytes of slack: the unaligned word reads of 2-byte-aligned blocks look one word on.
+        self.weight_parts(name, dtype, rows, cols, true, |buffer, row_start, n| {
+            let chunk = &bytes[row_start * row_bytes..(row_start + n) * row_bytes];
+            {
+                let mut view = buffer
+                    .get_mapped_range_mut(..)
+                    .map_err(|e| RuntimeError::Device(format!("mapping `{name}`: {e}")))?;
+                view.slice(..chunk.len()).copy_from_slice(chunk);
+            }
+            buffer.unmap();
+            Ok(())
+        })
+    }
+
+    /// A `[rows, cols]` weight of valid random blocks made on the device, for benchmarks: the
+    /// same part layout as [`upload_weight`](Self::upload_weight), each part filled by copying
+    /// one pattern of rows from [`random_weight`](crate::testing::random_weight) (at most
+    /// 256 KiB, the only bytes sent from the host) over and over. Part `p`'s row `r` is
+    /// pattern row `r % pattern_rows`; [`synthetic_pattern`] gives the pattern.
+    pub fn synthetic_weight(
+        &self,
+        name: &str,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        seed: u64,
+    ) -> Result<Weight> {
+        let row_bytes = dtype.row_bytes(cols)?;
+        let (pattern_rows, pattern) = synthetic_pattern(dtype, rows, cols, seed)?;
+        let source = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("synthetic pattern"),
+            size: (pattern.len() as u64).div_ceil(4) * 4,
+            usage: wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: true,
+        });
+        {
+            let mut view = source
+                .get_mapped_range_mut(..)
+                .map_err(|e| RuntimeError::Device(format!("mapping `{name}`: {e}")))?;
+            view.slice(..pattern.len()).copy_from_slice(&pattern);
+        }
+        source.unmap();
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        let weight = self.weight_parts(name, dtype, rows, cols, false, |buffer, _, n| {
+            // The pattern is a multiple of 4 bytes whenever it repeats, so every copy starts
+            // aligned; the last one may round up into the part's slack.
+            for first in (0..n).step_by(pattern_rows) {
+                let len = (pattern_rows.min(n - first) * row_bytes) as u64;
+                let offset = (first * row_bytes) as u64;
+                encoder.copy_buffer_to_buffer(&source, 0, buffer, offset, len.div_ceil(4) * 4);
+            }
+            Ok(())
+        })?;
+        self.queue.submit([encoder.finish()]);
+        Ok(weight)
+    }
+
+    /// Creates the buffers of a `[rows, cols]` weight, split into row ranges under the binding
+    /// limit (each with 8 bytes of slack: the unaligned word reads of 2-byte-aligned blocks
+    /// look one word on), and lets `fill(buffer, row_start, rows)` write each.
+    fn weight_parts(
+        &self,
+        name: &str,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        mapped: bool,
+        mut fill: impl FnMut(&wgpu::Buffer, usize, usize) -> Result<()>,
+    ) -> Result<Weight> {
+        let row_bytes = dtype.row_bytes(cols)?;
         let limit = self.max_binding_size().saturating_sub(8) as usize;
         let rows_per_part = (limit / row_bytes.max(1)).max(1);
         if row_bytes > limit {
@@ -512,21 +600,14 @@ impl Gpu {
         let mut row_start = 0;
         while row_start < rows {
             let n = rows_per_part.min(rows - row_start);
-            let chunk = &bytes[row_start * row_bytes..(row_start + n) * row_bytes];
-            let size = (chunk.len() as u64 + 8).div_ceil(4) * 4;
+            let size = ((n * row_bytes) as u64 + 8).div_ceil(4) * 4;
             let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(name),
                 size,
                 usage: STORAGE,
-                mapped_at_creation: true,
+                mapped_at_creation: mapped,
             });
-            {
-                let mut view = buffer
-                    .get_mapped_range_mut(..)
-                    .map_err(|e| RuntimeError::Device(format!("mapping `{name}`: {e}")))?;
-                view.slice(..chunk.len()).copy_from_slice(chunk);
-            }
-            buffer.unmap();
+            fill(&buffer, row_start, n)?;
             parts.push(WeightPart {
                 buffer,
                 row_start,
@@ -636,6 +717,66 @@ mod tests {
                         "{dtype:?} row {r} element {e}: {g} != {w}"
                     );
                 }
+            }
+        }
+    }
+
+    /// A synthetic weight's bytes are its pattern repeated from the start of every part; its
+    /// blocks decode to finite values and a linear layer over it matches the CPU reference.
+    #[test]
+    fn synthetic_weights_repeat_valid_rows_in_every_part_and_run_through_linear() {
+        use crate::gpu::GpuOptions;
+        use crate::ops::linear::{linear, linear_ref, LinearOut};
+        use crate::ops::test_util::max_rel_err;
+        use crate::recorder::Recorder;
+        use crate::testing::random_f32;
+
+        // Q4_0 rows of 2286 bytes (2 mod 4): a 112-row pattern, repeated four times and a bit
+        // in each 458-row part of a 1 MiB binding. Q6_K: one copy per part of a small weight.
+        let cases = [
+            (DType::Q4_0, 1000, 4064, Some(1 << 20)),
+            (DType::Q6_K, 77, 512, None),
+        ];
+        for (dtype, rows, cols, binding) in cases {
+            let gpu = Gpu::new(&GpuOptions {
+                max_binding_override: binding,
+                ..Default::default()
+            })
+            .unwrap();
+            let w = gpu.synthetic_weight("w", dtype, rows, cols, 11).unwrap();
+            let (pattern_rows, pattern) = synthetic_pattern(dtype, rows, cols, 11).unwrap();
+            let row_bytes = dtype.row_bytes(cols).unwrap();
+            if binding.is_some() {
+                assert!(w.parts.len() > 1 && w.parts[0].rows > 2 * pattern_rows);
+            }
+            let mut bytes = Vec::new();
+            for part in &w.parts {
+                let len = (part.rows * row_bytes) as u64;
+                let got = gpu.read_bytes(&part.buffer, 0, len).unwrap();
+                let want: Vec<u8> = (0..part.rows)
+                    .flat_map(|r| {
+                        let p = r % pattern_rows;
+                        pattern[p * row_bytes..(p + 1) * row_bytes].iter().copied()
+                    })
+                    .collect();
+                assert!(got == want, "{dtype:?} part at row {}", part.row_start);
+                bytes.extend(want);
+            }
+            let mut values = vec![0.0; cols];
+            for row in bytes.chunks_exact(row_bytes) {
+                dequantize_row(dtype, row, &mut values);
+                assert!(values.iter().all(|v| v.is_finite()), "{dtype:?}");
+            }
+            for m in [1, 5] {
+                let x = random_f32(m * cols, 3);
+                let xt = gpu.tensor_from(&[m, cols], &x).unwrap();
+                let yt = gpu.tensor(&[m, rows]).unwrap();
+                let mut rec = Recorder::new(&gpu);
+                linear(&mut rec, &w, &xt, m, &yt, LinearOut::dense(rows)).unwrap();
+                rec.submit().unwrap();
+                let got = gpu.read(&yt).unwrap();
+                let err = max_rel_err(&got, &linear_ref(&bytes, &w, &x, m));
+                assert!(err < 1e-4, "{dtype:?} m={m}: {err}");
             }
         }
     }

@@ -5,6 +5,7 @@
 pub mod reference;
 
 use std::path::PathBuf;
+use std::process::{Command, Output};
 use std::sync::{Arc, OnceLock};
 
 use tessera::models::llm::LoadedModel;
@@ -44,4 +45,30 @@ pub fn fixture(name: &str) -> serde_json::Value {
         .join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).expect("fixture is JSON")
+}
+
+/// Runs the `tessera` binary with `args`.
+pub fn tessera(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .output()
+        .expect("tessera runs")
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Checks that a run failed without a panic and that its stderr names each of `needles`
+/// (case-insensitively).
+pub fn assert_clean_failure(out: &Output, needles: &[&str]) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "expected failure, stderr: {err}");
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    for needle in needles {
+        assert!(
+            err.to_lowercase().contains(&needle.to_lowercase()),
+            "{needle:?} not in: {err}"
+        );
+    }
 }

@@ -4,6 +4,7 @@
 //! Flags follow llama.cpp's tools (`-m`, `-p`, `-f`, `-n`, `-c`, `--temp`, ...), so a
 //! llama.cpp user's habits carry over.
 
+mod bench;
 mod progress;
 mod quant;
 
@@ -53,6 +54,10 @@ enum Command {
     /// Post-training quantization: calibrate, eval, stats, sweep (also the `quant` program).
     #[command(subcommand)]
     Quant(quant::QuantCommand),
+    /// Prompt-processing and generation speed as llama-bench measures it (pp512, tg128), with
+    /// each run's weight bandwidth against the device's copy bandwidth; on a model file or a
+    /// synthetic model of a published shape, on one device or all.
+    Bench(bench::BenchArgs),
 }
 
 /// The `quant` program: `tessera quant` under its own name.
@@ -198,6 +203,7 @@ pub fn run() -> Result<()> {
         Command::Tokenize(args) => tokenize_command(args),
         Command::Fetch => out(model_path(&None)?.display()),
         Command::Quant(cmd) => quant::run(cmd),
+        Command::Bench(args) => bench::run(args),
     }
 }
 

@@ -1,4 +1,5 @@
-//! Progress bars for long work: the model download and extraction, perplexity windows.
+//! Progress bars for long work: the model download and extraction, perplexity windows,
+//! benchmark runs.
 
 use std::io::Write;
 
@@ -50,5 +51,15 @@ pub fn chunks_bar(total: usize) -> ProgressBar {
         ProgressStyle::with_template("[{elapsed_precise}] [{bar:40}] {pos}/{len} windows {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style.progress_chars("=> "));
+    bar
+}
+
+/// A bar counting one device's timed benchmark runs; the message says which test runs.
+pub fn bench_bar(total: usize, device: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total as u64);
+    let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} runs {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style.progress_chars("=> "));
+    bar.set_prefix(device.to_string());
     bar
 }

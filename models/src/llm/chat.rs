@@ -152,7 +152,7 @@ const WEEKDAYS: [&str; 7] = [
 
 /// Formats a Unix time (UTC) with C `strftime` directives; `%-d` style drops zero padding.
 /// Unknown directives are copied through.
-fn strftime(format: &str, unix_secs: i64) -> String {
+pub fn strftime(format: &str, unix_secs: i64) -> String {
     let days = unix_secs.div_euclid(86_400);
     let secs_of_day = unix_secs.rem_euclid(86_400);
     let (year, month, day) = civil_from_days(days);

@@ -92,7 +92,7 @@ impl LlamaConfig {
     }
 
     /// Checks the values no tensor shape would catch, naming the GGUF key at fault.
-    fn validate(&self) -> Result<(), LlmError> {
+    pub(crate) fn validate(&self) -> Result<(), LlmError> {
         let arch = &self.architecture;
         let bad = |key: &str, value: String, rule: &str| {
             Err(LlmError::BadConfig(format!(

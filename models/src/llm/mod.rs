@@ -1,5 +1,6 @@
 //! The llama family of language models: the graph built from GGUF metadata, its KV-cache
-//! session, tokenizer, chat template, sampler, and the generate and perplexity loops.
+//! session, tokenizer, chat template, sampler, and the generate and perplexity loops; published
+//! shapes for benchmarks with synthetic weights.
 
 pub mod chat;
 pub mod config;
@@ -8,12 +9,13 @@ pub mod load;
 pub mod model;
 pub mod observe;
 pub mod perplexity;
+pub mod presets;
 pub mod sampler;
 pub mod tokenizer;
 
 pub use config::{LlamaConfig, SUPPORTED_ARCHITECTURES};
 pub use load::LoadedModel;
-pub use model::{LlamaModel, Logits, Session};
+pub use model::{LlamaModel, Logits, Session, TensorSize};
 pub use observe::{Observations, ObserveOptions, Site, SiteObservation};
 
 use tessera_runtime::io::gguf::GgufError;

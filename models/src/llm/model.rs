@@ -29,6 +29,30 @@ struct Layer {
     ffn_down: Weight,
 }
 
+impl Layer {
+    fn matrices(&self) -> [&Weight; 7] {
+        [
+            &self.attn_q,
+            &self.attn_k,
+            &self.attn_v,
+            &self.attn_output,
+            &self.ffn_gate,
+            &self.ffn_up,
+            &self.ffn_down,
+        ]
+    }
+}
+
+/// One tensor of a loaded model, for size reports.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorSize {
+    pub dtype: DType,
+    pub elements: usize,
+    pub bytes: usize,
+    /// A weight matrix, as opposed to a norm vector.
+    pub is_matrix: bool,
+}
+
 /// A llama-family model on the device.
 pub struct LlamaModel {
     gpu: Arc<Gpu>,
@@ -99,41 +123,120 @@ fn load_vector(gpu: &Gpu, file: &GgufFile, name: &str, len: usize) -> Result<Ten
     Ok(gpu.tensor_from(&[len], &values)?)
 }
 
+/// Where the model's tensors come from: a GGUF file, or synthetic values made on the device.
+trait TensorSource {
+    /// The `[rows, cols]` matrix `name` (GGML dims `[cols, rows]`).
+    fn weight(&self, gpu: &Gpu, name: &str, rows: usize, cols: usize) -> Result<Weight, LlmError>;
+    /// The 1-D tensor `name`, as f32.
+    fn vector(&self, gpu: &Gpu, name: &str, len: usize) -> Result<Tensor, LlmError>;
+    /// Whether `output.weight` exists; without it the output is tied to the token embedding.
+    fn has_output(&self) -> bool;
+}
+
+struct GgufSource<'f>(&'f GgufFile);
+
+impl TensorSource for GgufSource<'_> {
+    fn weight(&self, gpu: &Gpu, name: &str, rows: usize, cols: usize) -> Result<Weight, LlmError> {
+        load_weight(gpu, self.0, name, rows, cols)
+    }
+
+    fn vector(&self, gpu: &Gpu, name: &str, len: usize) -> Result<Tensor, LlmError> {
+        load_vector(gpu, self.0, name, len)
+    }
+
+    fn has_output(&self) -> bool {
+        self.0.tensor("output.weight").is_some()
+    }
+}
+
+/// Random valid blocks for every matrix (a seed per tensor name), ones for every norm.
+struct SyntheticSource<F> {
+    dtype_of: F,
+    seed: u64,
+    tied_output: bool,
+}
+
+impl<F: Fn(&str, usize) -> DType> TensorSource for SyntheticSource<F> {
+    fn weight(&self, gpu: &Gpu, name: &str, rows: usize, cols: usize) -> Result<Weight, LlmError> {
+        // FNV-1a of the name, so each tensor has its own pattern.
+        let seed = name
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64 ^ self.seed, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+            });
+        let dtype = (self.dtype_of)(name, cols);
+        Ok(gpu.synthetic_weight(name, dtype, rows, cols, seed)?)
+    }
+
+    fn vector(&self, gpu: &Gpu, _name: &str, len: usize) -> Result<Tensor, LlmError> {
+        Ok(gpu.tensor_from(&[len], &vec![1.0; len])?)
+    }
+
+    fn has_output(&self) -> bool {
+        !self.tied_output
+    }
+}
+
 impl LlamaModel {
     /// Builds the graph's weights from an open GGUF file.
     pub fn load(gpu: Arc<Gpu>, file: &GgufFile) -> Result<Self, LlmError> {
-        let c = LlamaConfig::from_gguf(file)?;
-        let (d, ff) = (c.n_embd, c.n_ff);
-        let (dq, dkv) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
-        let token_embd = load_weight(&gpu, file, "token_embd.weight", c.n_vocab, d)?;
-        let output = match file.tensor("output.weight") {
-            Some(_) => Some(load_weight(&gpu, file, "output.weight", c.n_vocab, d)?),
-            None => None,
-        };
-        let output_norm = load_vector(&gpu, file, "output_norm.weight", d)?;
+        let config = LlamaConfig::from_gguf(file)?;
         // The block count is checked against the tensors before anything is allocated for it.
         if file
-            .tensor(&format!("blk.{}.attn_norm.weight", c.n_layer))
+            .tensor(&format!("blk.{}.attn_norm.weight", config.n_layer))
             .is_some()
         {
             return Err(LlmError::BadConfig(format!(
                 "the file holds more layers than its block_count ({}) says",
-                c.n_layer
+                config.n_layer
             )));
         }
+        Self::build(gpu, config, &GgufSource(file))
+    }
+
+    /// A model of `config`'s shapes with random weights made on the device (no host upload
+    /// beyond a small pattern per matrix), for benchmarks: each matrix in
+    /// `dtype_of(name, row_length)`, norms of ones, an output matrix of its own unless
+    /// `tied_output`. Its numbers mean nothing; its speed is that of a real model of this shape.
+    pub fn synthetic(
+        gpu: Arc<Gpu>,
+        config: LlamaConfig,
+        tied_output: bool,
+        seed: u64,
+        dtype_of: impl Fn(&str, usize) -> DType,
+    ) -> Result<Self, LlmError> {
+        config.validate()?;
+        let source = SyntheticSource {
+            dtype_of,
+            seed,
+            tied_output,
+        };
+        Self::build(gpu, config, &source)
+    }
+
+    fn build(gpu: Arc<Gpu>, c: LlamaConfig, source: &impl TensorSource) -> Result<Self, LlmError> {
+        let (d, ff) = (c.n_embd, c.n_ff);
+        let (dq, dkv) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
+        let token_embd = source.weight(&gpu, "token_embd.weight", c.n_vocab, d)?;
+        let output = match source.has_output() {
+            true => Some(source.weight(&gpu, "output.weight", c.n_vocab, d)?),
+            false => None,
+        };
+        let output_norm = source.vector(&gpu, "output_norm.weight", d)?;
         let mut layers = Vec::new();
         for i in 0..c.n_layer {
             let name = |s: &str| format!("blk.{i}.{s}.weight");
+            let weight = |s: &str, rows, cols| source.weight(&gpu, &name(s), rows, cols);
             layers.push(Layer {
-                attn_norm: load_vector(&gpu, file, &name("attn_norm"), d)?,
-                attn_q: load_weight(&gpu, file, &name("attn_q"), dq, d)?,
-                attn_k: load_weight(&gpu, file, &name("attn_k"), dkv, d)?,
-                attn_v: load_weight(&gpu, file, &name("attn_v"), dkv, d)?,
-                attn_output: load_weight(&gpu, file, &name("attn_output"), d, dq)?,
-                ffn_norm: load_vector(&gpu, file, &name("ffn_norm"), d)?,
-                ffn_gate: load_weight(&gpu, file, &name("ffn_gate"), ff, d)?,
-                ffn_up: load_weight(&gpu, file, &name("ffn_up"), ff, d)?,
-                ffn_down: load_weight(&gpu, file, &name("ffn_down"), d, ff)?,
+                attn_norm: source.vector(&gpu, &name("attn_norm"), d)?,
+                attn_q: weight("attn_q", dq, d)?,
+                attn_k: weight("attn_k", dkv, d)?,
+                attn_v: weight("attn_v", dkv, d)?,
+                attn_output: weight("attn_output", d, dq)?,
+                ffn_norm: source.vector(&gpu, &name("ffn_norm"), d)?,
+                ffn_gate: weight("ffn_gate", ff, d)?,
+                ffn_up: weight("ffn_up", ff, d)?,
+                ffn_down: weight("ffn_down", d, ff)?,
             });
         }
         log::info!(
@@ -155,23 +258,33 @@ impl LlamaModel {
         })
     }
 
+    /// Every tensor on the device, the norm vectors as F32; a tied output counts once.
+    pub fn tensor_sizes(&self) -> Vec<TensorSize> {
+        let matrix = |w: &Weight| TensorSize {
+            dtype: w.dtype,
+            elements: w.rows * w.cols,
+            bytes: w.bytes(),
+            is_matrix: true,
+        };
+        let vector = |t: &Tensor| TensorSize {
+            dtype: DType::F32,
+            elements: t.len(),
+            bytes: 4 * t.len(),
+            is_matrix: false,
+        };
+        let mut sizes = vec![matrix(&self.token_embd), vector(&self.output_norm)];
+        sizes.extend(self.output.as_ref().map(matrix));
+        for l in &self.layers {
+            sizes.extend([vector(&l.attn_norm), vector(&l.ffn_norm)]);
+            sizes.extend(l.matrices().map(matrix));
+        }
+        sizes
+    }
+
     fn weight_bytes_of(embd: &Weight, output: &Option<Weight>, layers: &[Layer]) -> usize {
         let per_layer: usize = layers
             .iter()
-            .map(|l| {
-                [
-                    &l.attn_q,
-                    &l.attn_k,
-                    &l.attn_v,
-                    &l.attn_output,
-                    &l.ffn_gate,
-                    &l.ffn_up,
-                    &l.ffn_down,
-                ]
-                .iter()
-                .map(|w| w.bytes())
-                .sum::<usize>()
-            })
+            .map(|l| l.matrices().iter().map(|w| w.bytes()).sum::<usize>())
             .sum();
         embd.bytes() + output.as_ref().map_or(0, Weight::bytes) + per_layer
     }
