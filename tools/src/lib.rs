@@ -345,7 +345,9 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
         (None, None) => bail!("give a prompt with -p TEXT or -f FILE"),
     };
     check_sampling(&args)?;
+    let start = Instant::now();
     let (loaded, gpu) = load(&args.model)?;
+    let loaded_after = start.elapsed();
     let text = if args.chat {
         let Some(template) = loaded.chat_template.as_ref() else {
             match &loaded.chat_template_error {
@@ -383,8 +385,12 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut write_error = None;
+    let mut first_text = None;
     let mut on_text = |s: &str| match out.write_all(s.as_bytes()).and_then(|_| out.flush()) {
-        Ok(()) => true,
+        Ok(()) => {
+            first_text.get_or_insert_with(|| start.elapsed());
+            true
+        }
         Err(e) => {
             // Nobody reads the text any more (or the disk is full): stop generating.
             write_error = Some(e);
@@ -407,14 +413,16 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
     let _ = writeln!(
         std::io::stderr(),
         "\n{} prompt tokens, {} generated ({:?}); prefill {:.1} tokens/s, decode {:.1} tokens/s; \
-         device: {} ({})",
+         device: {} ({}); first text {:.2} s after start (model loaded in {:.2} s)",
         stats.prompt_tokens,
         stats.generated.len(),
         stats.stop,
         stats.prefill_tps(),
         stats.decode_tps(),
         gpu.name(),
-        gpu.backend()
+        gpu.backend(),
+        first_text.unwrap_or_else(|| start.elapsed()).as_secs_f64(),
+        loaded_after.as_secs_f64()
     );
     Ok(())
 }
