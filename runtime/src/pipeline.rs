@@ -49,6 +49,25 @@ struct DiskCache {
     new: AtomicUsize,
 }
 
+/// A pipeline cache file larger than this is ignored (drivers' caches of a few dozen kernels
+/// are far smaller).
+const MAX_CACHE_FILE: u64 = 256 << 20;
+
+/// The bytes of a cache file: `None` for anything but a regular file of a sane size (a FIFO or
+/// a device there must not block or exhaust the start).
+fn read_cache_file(path: &Path) -> Option<Vec<u8>> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_file() || meta.len() > MAX_CACHE_FILE {
+        log::warn!(
+            "ignoring the pipeline cache {}: not a regular file of at most {} MiB",
+            path.display(),
+            MAX_CACHE_FILE >> 20
+        );
+        return None;
+    }
+    std::fs::read(path).ok()
+}
+
 impl PipelineCache {
     /// A cache backed by a file of `dir` named for the adapter and driver (a driver update
     /// starts a new one). A missing, unreadable or stale file starts an empty cache.
@@ -57,7 +76,7 @@ impl PipelineCache {
             return Self::default();
         };
         let path = dir.join(key);
-        let data = std::fs::read(&path).ok();
+        let data = read_cache_file(&path);
         // SAFETY: the data was written by `get_data` of a cache for the same adapter key (the
         // file name), and `fallback` makes the driver start empty if it rejects it.
         let cache = unsafe {
@@ -105,7 +124,9 @@ impl PipelineCache {
                 .path
                 .with_extension(format!("tmp-{}", std::process::id()));
             std::fs::write(&tmp, &data)?;
-            std::fs::rename(&tmp, &disk.path)
+            std::fs::rename(&tmp, &disk.path).inspect_err(|_| {
+                let _ = std::fs::remove_file(&tmp);
+            })
         };
         match write() {
             Ok(()) => log::info!(

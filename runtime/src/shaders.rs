@@ -84,12 +84,34 @@ fn override_from_env(name: &str) -> Option<&'static str> {
     static READ: OnceLock<Mutex<HashMap<String, Option<&'static str>>>> = OnceLock::new();
     let dir = std::env::var_os("TESSERA_SHADER_DIR")?;
     let mut read = READ.get_or_init(Default::default).lock().ok()?;
+    if read.is_empty() && !std::path::Path::new(&dir).is_dir() {
+        log::warn!(
+            "TESSERA_SHADER_DIR={} is not a folder: the built-in kernels run",
+            dir.to_string_lossy()
+        );
+    }
     *read.entry(name.to_string()).or_insert_with(|| {
         let path = std::path::Path::new(&dir).join(format!("{name}.wgsl"));
-        let text = std::fs::read_to_string(&path).ok()?;
-        log::info!("kernel source {name} from {}", path.display());
-        // Read once and kept for the life of the process, as the built-in sources are.
-        Some(Box::leak(text.into_boxed_str()))
+        if !path.exists() {
+            return None;
+        }
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                log::warn!(
+                    "kernel source {name} from {} (TESSERA_SHADER_DIR)",
+                    path.display()
+                );
+                // Read once and kept for the life of the process, as the built-in sources are.
+                Some(Box::leak(text.into_boxed_str()))
+            }
+            Err(e) => {
+                log::warn!(
+                    "{} is unreadable ({e}): the built-in {name} runs",
+                    path.display()
+                );
+                None
+            }
+        }
     })
 }
 

@@ -26,8 +26,14 @@ here="$(cd "$(dirname "$0")/../.." && pwd)"
 tessera="${TESSERA:-$here/target/release/tessera}"
 p="${P:-512}"; n="${N:-128}"; r="${R:-3}"; threads="${THREADS:-$(nproc)}"
 out="${OUT:-$here/target/bench-compare}"
+if [ ! -x "$tessera" ]; then
+    echo "no tessera binary at $tessera: build it (cargo build --release) or set TESSERA" >&2
+    exit 1
+fi
 model="${1:-$("$tessera" fetch)}"
 mkdir -p "$out"
+# Only this run's results are compared.
+rm -f "$out/tessera.json" "$out/llama-cpu.json" "$out/llama-vulkan.json"
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 
 echo "== tessera bench (every device) on $model" >&2
@@ -59,9 +65,17 @@ def load(name):
 def test(rec):
     return f"pp{rec['n_prompt']}" if rec["n_gen"] == 0 else f"tg{rec['n_gen']}"
 
+def order(name):
+    return (name[:2], int(name[2:]))
+
 rows = {}
-for rec in load("tessera.json"):
-    label = f"Tessera {rec.get('backend', '?')}"
+tessera = load("tessera.json")
+devices = sorted({(r.get("backend", "?"), r.get("device", "?")) for r in tessera})
+backends = [b for b, _ in devices]
+for rec in tessera:
+    backend, device = rec.get("backend", "?"), rec.get("device", "?")
+    # Name the device too where two devices share a backend (a GPU and lavapipe, say).
+    label = f"Tessera {backend}" if backends.count(backend) == 1 else f"Tessera {backend} {device}"
     rows.setdefault(test(rec), {})[label] = rec
 for name, label in [("llama-cpu.json", "llama.cpp CPU"), ("llama-vulkan.json", "llama.cpp Vulkan")]:
     for rec in load(name):
@@ -70,19 +84,22 @@ for name, label in [("llama-cpu.json", "llama.cpp CPU"), ("llama-vulkan.json", "
 columns = sorted({c for r in rows.values() for c in r}, key=lambda c: (not c.startswith("T"), c))
 print("| test | " + " | ".join(columns) + " |")
 print("|---" * (len(columns) + 1) + "|")
-for t, recs in sorted(rows.items()):
+for t, recs in sorted(rows.items(), key=lambda kv: order(kv[0])):
     cells = []
     for c in columns:
         rec = recs.get(c)
         cells.append(f"{rec['avg_ts']:.2f} ± {rec['stddev_ts']:.2f}" if rec else "")
     print(f"| {t} | " + " | ".join(cells) + " |")
 
-print()
-print("Ratios (Tessera / llama.cpp, tokens/s):")
-for t, recs in sorted(rows.items()):
+ratios = []
+for t, recs in sorted(rows.items(), key=lambda kv: order(kv[0])):
     for ours in [c for c in columns if c.startswith("Tessera")]:
         for theirs in [c for c in columns if c.startswith("llama.cpp")]:
             if ours in recs and theirs in recs and recs[theirs]["avg_ts"] > 0:
                 ratio = recs[ours]["avg_ts"] / recs[theirs]["avg_ts"]
-                print(f"  {t}: {ours} / {theirs} = {ratio:.2f}x")
+                ratios.append(f"  {t}: {ours} / {theirs} = {ratio:.2f}x")
+if ratios:
+    print()
+    print("Ratios (Tessera / llama.cpp, tokens/s):")
+    print("\n".join(ratios))
 EOF

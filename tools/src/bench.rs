@@ -154,9 +154,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if tests.is_empty() {
         bail!("nothing to run: every -p and -n is 0; give a prompt or generation length");
     }
-    // Every test starts from an empty cache; the context holds the longest of each kind.
+    // Every test starts from an empty cache: the context holds the longest test.
     let longest = |v: &[usize]| v.iter().copied().max().unwrap_or(0);
-    let n_ctx = longest(&args.n_prompt).saturating_add(longest(&args.n_gen));
+    let n_ctx = longest(&args.n_prompt).max(longest(&args.n_gen));
     if let Source::Synthetic { preset, .. } = &source {
         check_context(n_ctx, preset.config.n_ctx_train)?;
     }
@@ -171,7 +171,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
             repetitions: args.repetitions,
             seed: args.seed,
         };
-        copies.push(bench_device(&selector, &plan, &mut printer)?);
+        match bench_device(&selector, &plan, &mut printer) {
+            Ok(copy) => copies.push(copy),
+            Err(e) => {
+                // What was measured stays readable: the JSON array is closed before the error.
+                let _ = printer.finish();
+                return Err(e);
+            }
+        }
     }
     printer.finish()?;
     if format == Format::Md {
@@ -217,7 +224,7 @@ fn bench_device(
     check_context(plan.n_ctx, model.config.n_ctx_train)?;
     let mut session = Session::new(&model, plan.n_ctx).with_context(|| {
         format!(
-            "making a KV cache of {} tokens (the longest -p plus the longest -n) on {}",
+            "making a KV cache of {} tokens (the longest -p or -n) on {}",
             plan.n_ctx,
             gpu.name()
         )
@@ -285,8 +292,8 @@ fn source(args: &BenchArgs) -> Result<Source> {
 fn check_context(n_ctx: usize, n_ctx_train: usize) -> Result<()> {
     if n_ctx > n_ctx_train {
         bail!(
-            "the longest -p plus the longest -n is {n_ctx} tokens, more than the {n_ctx_train} \
-             the model was trained for; give shorter tests"
+            "the longest test (-p or -n) is {n_ctx} tokens, more than the {n_ctx_train} the \
+             model was trained for; give shorter tests"
         );
     }
     Ok(())

@@ -388,7 +388,9 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
     let mut first_text = None;
     let mut on_text = |s: &str| match out.write_all(s.as_bytes()).and_then(|_| out.flush()) {
         Ok(()) => {
-            first_text.get_or_insert_with(|| start.elapsed());
+            if !s.is_empty() {
+                first_text.get_or_insert_with(|| start.elapsed());
+            }
             true
         }
         Err(e) => {
@@ -413,7 +415,7 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
     let _ = writeln!(
         std::io::stderr(),
         "\n{} prompt tokens, {} generated ({:?}); prefill {:.1} tokens/s, decode {:.1} tokens/s; \
-         device: {} ({}); first text {:.2} s after start (model loaded in {:.2} s)",
+         device: {} ({}); {} (model loaded in {:.2} s)",
         stats.prompt_tokens,
         stats.generated.len(),
         stats.stop,
@@ -421,7 +423,10 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
         stats.decode_tps(),
         gpu.name(),
         gpu.backend(),
-        first_text.unwrap_or_else(|| start.elapsed()).as_secs_f64(),
+        match first_text {
+            Some(t) => format!("first text {:.2} s after start", t.as_secs_f64()),
+            None => "no text".to_string(),
+        },
         loaded_after.as_secs_f64()
     );
     Ok(())
