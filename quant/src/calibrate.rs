@@ -9,12 +9,14 @@
 //!
 //! The source's weights are dequantized to f32 first (a quantized source is reported as such).
 //! The output keeps every metadata key of the source, records its provenance under
-//! `quantize.*`, and is written atomically.
+//! `quantize.*` (with the source's format: a GGUF file, or a safetensors folder converted to
+//! one), and is written atomically.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
+use tessera_models::hf::ConvertReport;
 use tessera_runtime::io::gguf::{GgufFile, MetaValue, TensorInfo, ValueType};
 use tessera_runtime::io::gguf_write::GgufWriter;
 use tessera_runtime::{dequantize_row, DType};
@@ -67,6 +69,8 @@ pub struct Provenance {
     pub seed: u64,
     /// An importance-matrix file the statistics came from instead, if any.
     pub imatrix_file: Option<String>,
+    /// The conversion, when the model given was a safetensors folder.
+    pub converted_from: Option<ConvertReport>,
 }
 
 /// Everything `quantize_model` needs besides the model and its statistics.
@@ -97,6 +101,8 @@ pub struct CalibrateReport {
     pub source_types: Vec<String>,
     /// True when the source's weights were quantized (they were dequantized first).
     pub source_was_quantized: bool,
+    /// The conversion, when the source was a safetensors folder.
+    pub converted_from: Option<ConvertReport>,
     pub bytes_before: u64,
     pub bytes_after: u64,
     /// Weight parameters in the matrices and vectors of the model.
@@ -334,6 +340,7 @@ pub fn quantize_model(
         target: plan.target.to_string(),
         source_types,
         source_was_quantized,
+        converted_from: plan.provenance.converted_from.clone(),
         bytes_before,
         bytes_after,
         params,
@@ -416,6 +423,19 @@ fn set_provenance(
         MetaValue::Bool(source_was_quantized),
     );
     let p = &plan.provenance;
+    match &p.converted_from {
+        None => w.set("quantize.source.format", s("gguf")),
+        Some(c) => {
+            w.set("quantize.source.format", s("safetensors"));
+            w.set(
+                "quantize.source.dtypes",
+                MetaValue::Array {
+                    elem_type: ValueType::String,
+                    items: c.source_dtypes.iter().map(|d| s(d)).collect(),
+                },
+            );
+        }
+    }
     if plan.method.needs_data() {
         w.set(
             "quantize.calibration.datasets",

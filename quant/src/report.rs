@@ -31,6 +31,15 @@ impl CalibrateSummary {
             "wrote {} ({} {}, from {})\n",
             self.output, c.method, c.target, self.input
         );
+        if let Some(h) = &c.converted_from {
+            s += &format!(
+                "  source is a safetensors folder ({} in {} file(s)): converted to GGUF in \
+                 {:.1} s; that is the base\n",
+                h.source_dtypes.join(", "),
+                h.files,
+                h.seconds
+            );
+        }
         if c.source_was_quantized {
             s += &format!(
                 "  source was quantized ({}): dequantized to f32 first; that is the base\n",

@@ -85,8 +85,9 @@ pub fn run_quant() -> Result<()> {
 
 #[derive(Args)]
 pub(crate) struct ModelArgs {
-    /// GGUF model file; without it, the default model (SmolLM2-135M-Instruct) is fetched once
-    /// into the cache directory.
+    /// GGUF model file (`quant` also takes a Hugging Face safetensors folder of a llama model);
+    /// without it, the default model (SmolLM2-135M-Instruct) is fetched once into the cache
+    /// directory.
     #[arg(short = 'm', long = "model")]
     pub(crate) model: Option<PathBuf>,
 

@@ -1,5 +1,5 @@
-//! Progress bars for long work: the model download and extraction, perplexity windows,
-//! benchmark runs.
+//! Progress bars for long work: the model download and extraction, a checkpoint's conversion,
+//! perplexity windows, benchmark runs.
 
 use std::io::Write;
 
@@ -25,13 +25,7 @@ impl FetchProgress {
             FetchEvent::Verify { done, total } => ("verifying", done, total),
             FetchEvent::Extract { done, total } => ("extracting", done, total),
         };
-        let bar = self.bar.get_or_insert_with(|| {
-            let bar = ProgressBar::new(total);
-            let style = ProgressStyle::with_template("{msg:>10} [{bar:40}] {bytes}/{total_bytes}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar());
-            bar.set_style(style.progress_chars("=> "));
-            bar
-        });
+        let bar = self.bar.get_or_insert_with(|| bytes_bar(total, label));
         bar.set_message(label);
         bar.set_length(total);
         bar.set_position(done);
@@ -42,6 +36,16 @@ impl FetchProgress {
             bar.finish_and_clear();
         }
     }
+}
+
+/// A bar counting bytes, its label on the left.
+pub fn bytes_bar(total: u64, label: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    let style = ProgressStyle::with_template("{msg:>10} [{bar:40}] {bytes}/{total_bytes}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style.progress_chars("=> "));
+    bar.set_message(label.to_string());
+    bar
 }
 
 /// A bar counting perplexity windows.

@@ -1,5 +1,6 @@
 //! `tessera quant ...` (also installed as `quant ...`): calibrate, eval, stats and sweep, the
-//! command-line face of `tessera-quant`.
+//! command-line face of `tessera-quant`. Each takes a GGUF file or a Hugging Face safetensors
+//! folder, converted first to a temporary GGUF that is removed when the command ends.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use tessera_models::hf::{self, ConvertReport};
 use tessera_models::llm::{LoadedModel, Session};
 use tessera_quant::calib::{self, Source, Windows};
 use tessera_quant::calibrate::{self, CalibrateReport, Method, Plan, Provenance};
@@ -21,6 +23,7 @@ use tessera_quant::stats::ModelStats;
 use tessera_runtime::io::gguf::GgufFile;
 use tessera_runtime::{DType, Gpu};
 
+use crate::progress::bytes_bar;
 use crate::{model_path, open_gpu, out, read_text, ModelArgs};
 
 #[derive(Subcommand)]
@@ -130,7 +133,8 @@ pub struct EvalArgs {
     #[arg(short = 'm', long = "model")]
     model: PathBuf,
 
-    /// The base model it was made from.
+    /// The base model it was made from: a GGUF file, or a safetensors folder (converted to a
+    /// temporary GGUF in the system's temporary folder, TMPDIR).
     #[arg(long)]
     base: PathBuf,
 
@@ -221,6 +225,66 @@ fn bar(total: usize, what: &str) -> ProgressBar {
 
 fn note(line: impl std::fmt::Display) {
     let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// A model named on the command line, as a GGUF file to open: the file itself, or a safetensors
+/// folder converted into a temporary folder that is removed when this value is dropped.
+struct ModelInput {
+    gguf: PathBuf,
+    converted: Option<ConvertReport>,
+    _scratch: Option<tempfile::TempDir>,
+}
+
+impl ModelInput {
+    /// Takes `path` as it is when it is a file; converts a folder into a temporary folder
+    /// inside `scratch` (the system's temporary folder when `None`).
+    fn open(path: &Path, scratch: Option<&Path>) -> Result<Self> {
+        if !hf::is_hf_folder(path) {
+            return Ok(ModelInput {
+                gguf: path.to_path_buf(),
+                converted: None,
+                _scratch: None,
+            });
+        }
+        let builder = {
+            let mut b = tempfile::Builder::new();
+            b.prefix(".tessera-convert-");
+            b
+        };
+        let tmp = match scratch {
+            Some(dir) => builder.tempdir_in(dir),
+            None => builder.tempdir(),
+        }
+        .with_context(|| {
+            format!(
+                "cannot make a temporary folder for the converted model in {}",
+                scratch
+                    .map_or_else(std::env::temp_dir, Path::to_path_buf)
+                    .display()
+            )
+        })?;
+        let gguf = tmp.path().join("model.gguf");
+        let b = bytes_bar(0, "converting");
+        let report = hf::convert(path, &gguf, &|done, total| {
+            b.set_length(total);
+            b.set_position(done);
+        })
+        .with_context(|| format!("converting the safetensors folder {}", path.display()))?;
+        b.finish_and_clear();
+        note(format!(
+            "converted {} ({} in {} safetensors file(s), pre-tokenizer {}) to GGUF in {:.1} s",
+            path.display(),
+            report.source_dtypes.join(", "),
+            report.files,
+            report.pre_tokenizer,
+            report.seconds
+        ));
+        Ok(ModelInput {
+            gguf,
+            converted: Some(report),
+            _scratch: Some(tmp),
+        })
+    }
 }
 
 fn parse_method(s: &str) -> Result<Method> {
@@ -378,6 +442,11 @@ fn compare_with(path: &Path, gpu: &Arc<Gpu>, reference: &Reference) -> Result<Ev
 }
 
 fn default_output(input: &Path, target: &Target) -> PathBuf {
+    // A folder such as `.` is named by its canonical path.
+    let input = match input.is_dir().then(|| input.canonicalize()) {
+        Some(Ok(canonical)) => canonical,
+        _ => input.to_path_buf(),
+    };
     let stem = input
         .file_stem()
         .and_then(|s| s.to_str())
@@ -415,8 +484,10 @@ fn calibrate_one(
     overrides: Vec<(String, DType)>,
     gptq: GptqOptions,
     imatrix_file: Option<String>,
+    converted_from: Option<&ConvertReport>,
     output: &Path,
 ) -> Result<Calibrated> {
+    let converted_from = converted_from.cloned();
     let provenance = match windows {
         Some(w) => Provenance {
             datasets: w.names.clone(),
@@ -425,9 +496,11 @@ fn calibrate_one(
             seq_len: data.seq_len,
             seed: data.seed,
             imatrix_file,
+            converted_from,
         },
         None => Provenance {
             imatrix_file,
+            converted_from,
             ..Default::default()
         },
     };
@@ -512,8 +585,14 @@ fn calibrate_command(args: CalibrateArgs) -> Result<()> {
             args.eval.ctx_size
         );
     }
+    // A safetensors folder is converted beside the output, before the GPU is opened.
+    let scratch = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let source = ModelInput::open(&input, Some(scratch))?;
     let gpu = open_gpu(&args.model.device)?;
-    let loaded = LoadedModel::open(&input, gpu.clone())
+    let loaded = LoadedModel::open(&source.gguf, gpu.clone())
         .with_context(|| format!("loading model {}", input.display()))?;
     let file = &loaded.file;
 
@@ -567,6 +646,7 @@ fn calibrate_command(args: CalibrateArgs) -> Result<()> {
         overrides,
         gptq,
         imatrix_file,
+        source.converted.as_ref(),
         &output,
     )?;
     done.gather_seconds = gather_seconds;
@@ -595,19 +675,25 @@ fn calibrate_command(args: CalibrateArgs) -> Result<()> {
 }
 
 fn eval_command(args: EvalArgs) -> Result<()> {
-    for (what, p) in [("-m", &args.model), ("--base", &args.base)] {
-        if !p.is_file() {
-            bail!("{what} {}: no such model file", p.display());
-        }
+    if !args.model.is_file() {
+        bail!("-m {}: no such model file", args.model.display());
+    }
+    if !args.base.is_file() && !hf::is_hf_folder(&args.base) {
+        bail!(
+            "--base {}: no such model file or safetensors folder",
+            args.base.display()
+        );
     }
     GgufFile::open(&args.model)
         .with_context(|| format!("reading the quantized model {}", args.model.display()))?;
-    let gpu = open_gpu(&args.device)?;
-    let base = LoadedModel::open(&args.base, gpu.clone())
-        .with_context(|| format!("loading the base model {}", args.base.display()))?;
     let text = eval_text(&args.file)?;
+    let base_input = ModelInput::open(&args.base, None)?;
+    let gpu = open_gpu(&args.device)?;
+    let base = LoadedModel::open(&base_input.gguf, gpu.clone())
+        .with_context(|| format!("loading the base model {}", args.base.display()))?;
     let reference = reference_for(&base, &text, args.ctx_size, args.chunks)?;
     drop(base);
+    drop(base_input);
     let r = compare_with(&args.model, &gpu, &reference)?;
     if args.json {
         out(serde_json::to_string_pretty(&r)?)
@@ -627,8 +713,9 @@ fn stats_command(args: StatsArgs) -> Result<()> {
     let input = model_path(&args.model.model)?;
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("creating {}", args.out_dir.display()))?;
+    let source = ModelInput::open(&input, Some(&args.out_dir))?;
     let gpu = open_gpu(&args.model.device)?;
-    let loaded = LoadedModel::open(&input, gpu.clone())
+    let loaded = LoadedModel::open(&source.gguf, gpu.clone())
         .with_context(|| format!("loading model {}", input.display()))?;
     let mut sets = Vec::new();
     for source in &sources {
@@ -673,8 +760,9 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
     let input = model_path(&args.model.model)?;
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("creating {}", args.out_dir.display()))?;
+    let source = ModelInput::open(&input, Some(&args.out_dir))?;
     let gpu = open_gpu(&args.model.device)?;
-    let loaded = LoadedModel::open(&input, gpu.clone())
+    let loaded = LoadedModel::open(&source.gguf, gpu.clone())
         .with_context(|| format!("loading model {}", input.display()))?;
     let file = &loaded.file;
     let reference = reference_for(
@@ -712,6 +800,7 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
             Vec::new(),
             GptqOptions::default(),
             None,
+            source.converted.as_ref(),
             &path,
         )?;
         let e = compare_with(&path, &gpu, &reference)?;
