@@ -221,7 +221,7 @@ fn bad_input_is_a_clear_error() {
         "--synthetic",
         "smollm2-135m",
         "-p",
-        "8192",
+        "8193",
         "-n",
         "1",
     ]);
