@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Result, RuntimeError};
@@ -45,8 +44,6 @@ struct DiskCache {
     path: PathBuf,
     /// What the file held at start.
     loaded: Option<Vec<u8>>,
-    /// Pipelines compiled since the cache was loaded.
-    new: AtomicUsize,
 }
 
 /// A pipeline cache file larger than this is ignored (drivers' caches of a few dozen kernels
@@ -97,19 +94,14 @@ impl PipelineCache {
                 cache,
                 path,
                 loaded: data,
-                new: AtomicUsize::new(0),
             }),
         }
     }
 
-    /// Writes the driver's cache to its file (through a temporary file and a rename) when this
-    /// run compiled pipelines and the driver's data changed. Failures are logged: a cache is
-    /// optional.
+    /// Writes the driver's cache to its file (through a temporary file and a rename) when its
+    /// data changed during the run. Failures are logged: a cache is optional.
     pub(crate) fn save(&self) {
         let Some(disk) = &self.disk else { return };
-        if disk.new.load(Ordering::Relaxed) == 0 {
-            return;
-        }
         let Some(data) = disk.cache.get_data() else {
             return;
         };
@@ -172,9 +164,6 @@ impl PipelineCache {
             compilation_options: Default::default(),
             cache: self.disk.as_ref().map(|d| &d.cache),
         });
-        if let Some(disk) = &self.disk {
-            disk.new.fetch_add(1, Ordering::Relaxed);
-        }
         let pipeline = Arc::new(pipeline);
         map.insert(key.clone(), pipeline.clone());
         Ok(pipeline)

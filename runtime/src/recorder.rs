@@ -86,8 +86,8 @@ impl<'g> Recorder<'g> {
         buffers: &[&wgpu::Buffer],
         groups: [u32; 3],
     ) -> Result<()> {
-        let bindings: Vec<Binding> = buffers.iter().map(|&b| b.into()).collect();
-        self.dispatch_bound(key, params, &bindings, groups)
+        let bindings = buffers.iter().map(|&b| Binding::from(b));
+        self.record_dispatch(key, params, bindings, groups)
     }
 
     /// As [`dispatch`](Self::dispatch), with bindings that may be ranges of their buffers.
@@ -96,6 +96,16 @@ impl<'g> Recorder<'g> {
         key: &PipelineKey,
         params: &[u32],
         buffers: &[Binding],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        self.record_dispatch(key, params, buffers.iter().copied(), groups)
+    }
+
+    fn record_dispatch<'b>(
+        &mut self,
+        key: &PipelineKey,
+        params: &[u32],
+        buffers: impl Iterator<Item = Binding<'b>>,
         groups: [u32; 3],
     ) -> Result<()> {
         if groups.contains(&0) {
@@ -117,10 +127,7 @@ impl<'g> Recorder<'g> {
             self.arena.resize(offset + size, 0);
             Some((offset as u64, size as u64))
         };
-        let buffers = buffers
-            .iter()
-            .map(|b| (b.buffer.clone(), b.range))
-            .collect();
+        let buffers = buffers.map(|b| (b.buffer.clone(), b.range)).collect();
         self.steps.push(Step::Dispatch {
             pipeline,
             buffers,

@@ -79,17 +79,7 @@ pub fn linear(
                 .define("WTYPE", w.dtype.ggml_id())
                 .define("BLOCK_BYTES", w.dtype.wgsl_block_bytes())
         };
-        let mut params = vec![
-            part.rows as u32,
-            k as u32,
-            part.row_start as u32,
-            out.stride as u32,
-            out.offset as u32,
-            k as u32,
-            out.accumulate as u32,
-            row_bytes,
-            out.x_offset as u32,
-        ];
+        let mut params = kernel_params(part, k, row_bytes, out);
         let buffers = [(&part.buffer).into(), x.buffer().into(), y.buffer().into()];
         let rows_layout = rec.gpu().kernel_layout() == KernelLayout::LanePerRow
             && k.is_multiple_of(4)
@@ -112,6 +102,21 @@ pub fn linear(
         }
     }
     Ok(())
+}
+
+/// The `Params` words the linear kernels share (see `linear_rows.wgsl`), before `m`.
+fn kernel_params(part: &WeightPart, k: usize, row_bytes: u32, out: LinearOut) -> Vec<u32> {
+    vec![
+        part.rows as u32,
+        k as u32,
+        part.row_start as u32,
+        out.stride as u32,
+        out.offset as u32,
+        k as u32,
+        out.accumulate as u32,
+        row_bytes,
+        out.x_offset as u32,
+    ]
 }
 
 /// The lane-per-row kernels (CPU devices) for one part of W. x goes through uniform bindings
@@ -217,19 +222,9 @@ pub fn linear_swiglu(
         .define("BLOCK_BYTES", gate.dtype.wgsl_block_bytes())
         .define("XV", (k / 4) as u32)
         .define("SWIGLU", 1);
-    let params = [
-        n as u32,
-        k as u32,
-        0,
-        n as u32,
-        0,
-        k as u32,
-        0,
-        row_bytes as u32,
-        0,
-        1,
-        (n * row_bytes / 4) as u32,
-    ];
+    let mut params = kernel_params(&gate.parts[0], k, row_bytes as u32, LinearOut::dense(n));
+    // One row of x; the up projection's words start where the gate's end.
+    params.extend([1, (n * row_bytes / 4) as u32]);
     let groups = split_groups(rec.gpu(), (n as u32).div_ceil(64), 1);
     let bindings = [
         (&gate.parts[0].buffer).into(),
