@@ -556,7 +556,7 @@ impl<'m> Session<'m> {
         let gpu = &m.gpu;
         let n = tokens.len();
         let pos0 = self.n_past;
-        let (d, ff) = (c.n_embd, c.n_ff);
+        let d = c.n_embd;
         let (dq, dkv) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
 
         gpu.write_u32(&s.ids, tokens)?;
@@ -619,19 +619,16 @@ impl<'m> Session<'m> {
             // Feed-forward: SwiGLU, its down projection added into the residual stream.
             ops::rmsnorm(rec, &s.x, &layer.ffn_norm, &s.xn, n, d, c.rms_eps)?;
             observe(rec, l, Site::FfnNorm, &s.xn)?;
-            // Decoding runs gate, up and SwiGLU in one kernel where the device has it.
-            if n != 1 || !ops::linear_swiglu(rec, &layer.ffn_gate, &layer.ffn_up, &s.xn, &s.gate)? {
-                ops::linear(
-                    rec,
-                    &layer.ffn_gate,
-                    &s.xn,
-                    n,
-                    &s.gate,
-                    LinearOut::dense(ff),
-                )?;
-                ops::linear(rec, &layer.ffn_up, &s.xn, n, &s.up, LinearOut::dense(ff))?;
-                ops::swiglu(rec, &s.gate, &s.up, n * ff)?;
-            }
+            // One kernel for gate, up and SwiGLU where the device has it (decoding).
+            ops::gate_up_swiglu(
+                rec,
+                &layer.ffn_gate,
+                &layer.ffn_up,
+                &s.xn,
+                n,
+                &s.gate,
+                &s.up,
+            )?;
             observe(rec, l, Site::SwiGlu, &s.gate)?;
             ops::linear(rec, &layer.ffn_down, &s.gate, n, &s.x, residual)?;
         }

@@ -192,6 +192,27 @@ fn linear_rows(
     }
 }
 
+/// Records `out = silu(x gate^T) * (x up^T)` for the `m` rows of x: one fused dispatch where
+/// [`linear_swiglu`] can take it (one row, on CPU devices), else the two projections (the up
+/// one into `up_out`) and [`swiglu`](crate::ops::swiglu).
+pub fn gate_up_swiglu(
+    rec: &mut Recorder,
+    gate: &Weight,
+    up: &Weight,
+    x: &Tensor,
+    m: usize,
+    out: &Tensor,
+    up_out: &Tensor,
+) -> Result<()> {
+    if m == 1 && linear_swiglu(rec, gate, up, x, out)? {
+        return Ok(());
+    }
+    let n = gate.rows;
+    linear(rec, gate, x, m, out, LinearOut::dense(n))?;
+    linear(rec, up, x, m, up_out, LinearOut::dense(n))?;
+    crate::ops::swiglu(rec, out, up_out, m * n)
+}
+
 /// Records `y = silu(x gate^T) * (x up^T)` for one row of x (decoding), in one dispatch, where
 /// the device and the weights allow it: the lane-per-row layout, x bindable as uniform, gate
 /// and up of one 32-element block type, each in one part. Returns `false` (recording nothing)
