@@ -35,6 +35,10 @@ enum Step {
         params: Option<(u64, u64)>,
         groups: [u32; 3],
     },
+    Clear {
+        buffer: wgpu::Buffer,
+        size: u64,
+    },
     Copy {
         src: wgpu::Buffer,
         src_offset: u64,
@@ -155,6 +159,14 @@ impl<'g> Recorder<'g> {
         });
     }
 
+    /// Records setting all of `t` to zero.
+    pub fn clear(&mut self, t: &Tensor) {
+        self.steps.push(Step::Clear {
+            buffer: t.buffer().clone(),
+            size: t.len() as u64 * 4,
+        });
+    }
+
     /// Asks for `len` elements of `t` from element `offset` to be read back after the work.
     pub fn read(&mut self, t: &Tensor, offset: usize, len: usize) -> ReadId {
         self.reads
@@ -236,6 +248,10 @@ impl<'g> Recorder<'g> {
                     p.set_pipeline(pipeline);
                     p.set_bind_group(0, &bind_group, &[]);
                     p.dispatch_workgroups(groups[0], groups[1], groups[2]);
+                }
+                Step::Clear { buffer, size } => {
+                    drop(pass.take());
+                    encoder.clear_buffer(buffer, 0, Some(*size));
                 }
                 Step::Copy {
                     src,

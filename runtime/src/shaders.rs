@@ -42,6 +42,10 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("softmax", include_str!("../../shaders/softmax.wgsl")),
     ("argmax", include_str!("../../shaders/argmax.wgsl")),
     ("stats", include_str!("../../shaders/stats.wgsl")),
+    (
+        "train_matmul",
+        include_str!("../../shaders/train_matmul.wgsl"),
+    ),
 ];
 
 /// Kernel families whose source calls the block dequantisation in `quant.wgsl`.
@@ -249,6 +253,7 @@ mod tests {
         }
         all.push(("rope", vec![]));
         all.push(("elementwise", vec![]));
+        all.push(("train_matmul", vec![]));
         all
     }
 

@@ -1,4 +1,4 @@
-//! Elementwise kernels: residual add and SwiGLU.
+//! Elementwise kernels: residual add, SwiGLU and fill.
 
 use crate::error::Result;
 use crate::ops::check_len;
@@ -34,6 +34,19 @@ pub fn swiglu(rec: &mut Recorder, gate: &Tensor, up: &Tensor, len: usize) -> Res
     record(rec, "swiglu", gate, up, len)
 }
 
+/// Records setting the first `len` elements of `a` to `value`.
+pub fn fill(rec: &mut Recorder, a: &Tensor, value: f32, len: usize) -> Result<()> {
+    check_len("fill", a, len)?;
+    let groups = split_groups(rec.gpu(), (len as u32).div_ceil(256), 1);
+    // The entry uses only binding 1, so its derived layout has no second operand.
+    rec.dispatch(
+        &PipelineKey::new("elementwise", "fill"),
+        &[len as u32, value.to_bits()],
+        &[a.buffer()],
+        groups,
+    )
+}
+
 /// CPU reference of SwiGLU.
 pub fn swiglu_ref(gate: &[f32], up: &[f32]) -> Vec<f32> {
     gate.iter()
@@ -65,7 +78,17 @@ mod tests {
             let mut rec = Recorder::new(gpu);
             swiglu(&mut rec, &gt, &bt, len).unwrap();
             rec.submit().unwrap();
-            assert!(max_rel_err(&gpu.read(&gt).unwrap(), &swiglu_ref(&a, &b)) < 1e-6);
+            let swiglu_out = gpu.read(&gt).unwrap();
+            assert!(max_rel_err(&swiglu_out, &swiglu_ref(&a, &b)) < 1e-6);
+
+            let mut rec = Recorder::new(gpu);
+            fill(&mut rec, &gt, -2.5, len - len / 2).unwrap();
+            rec.clear(&at);
+            rec.submit().unwrap();
+            let got = gpu.read(&gt).unwrap();
+            assert!(got[..len - len / 2].iter().all(|&v| v == -2.5));
+            assert_eq!(got[len - len / 2..], swiglu_out[len - len / 2..]);
+            assert!(gpu.read(&at).unwrap().iter().all(|&v| v == 0.0));
         }
     }
 }

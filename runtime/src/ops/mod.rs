@@ -16,7 +16,7 @@ pub mod stats;
 
 pub use argmax::argmax;
 pub use attention::{attention, AttentionParams};
-pub use elementwise::{add, swiglu};
+pub use elementwise::{add, fill, swiglu};
 pub use embedding::embedding;
 pub use linear::{gate_up_swiglu, linear, linear_swiglu, LinearOut};
 pub use rmsnorm::rmsnorm;

@@ -1,0 +1,406 @@
+//! Matrix products: `matmul` (x B) and `linear` (x W^T, W stored `[out, in]` as in GGUF), with
+//! their backward passes, all through one strided kernel (`train_matmul.wgsl`).
+
+use crate::autograd::{Backward, Grads, Tape, Var};
+use crate::error::{Result, RuntimeError};
+use crate::pipeline::PipelineKey;
+use crate::recorder::Recorder;
+use crate::tensor::Tensor;
+
+/// One operand of [`gemm`]. Element (outer index o, reduction index l) is read at
+/// `off + o * os + l * ls`, plus `bs` per batch; the outer index is A's row or B's column.
+#[derive(Clone, Copy)]
+pub struct Strided<'a> {
+    pub t: &'a Tensor,
+    pub off: usize,
+    pub os: usize,
+    pub ls: usize,
+    pub bs: usize,
+}
+
+impl<'a> Strided<'a> {
+    /// A matrix stored row-major as `[outer, reduction]` (x `[m, k]` as A, W `[n, k]` as B).
+    pub fn outer_major(t: &'a Tensor, red: usize) -> Self {
+        Strided {
+            t,
+            off: 0,
+            os: red,
+            ls: 1,
+            bs: 0,
+        }
+    }
+
+    /// A matrix stored row-major as `[reduction, outer]` (B `[k, n]`, or x `[m, k]` read as
+    /// x^T).
+    pub fn red_major(t: &'a Tensor, outer: usize) -> Self {
+        Strided {
+            t,
+            off: 0,
+            os: 1,
+            ls: outer,
+            bs: 0,
+        }
+    }
+
+    fn check(&self, what: &str, outer: usize, red: usize, batch: usize) -> Result<()> {
+        let last = self.off + (outer - 1) * self.os + (red - 1) * self.ls + (batch - 1) * self.bs;
+        if last >= self.t.len() {
+            return Err(RuntimeError::Shape(format!(
+                "gemm: operand {what} of shape {:?} is read up to element {last}",
+                self.t.shape()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Sizes of a [`gemm`]: C `[m, n]` over a reduction of `k`, `batch` times.
+#[derive(Clone, Copy, Debug)]
+pub struct GemmShape {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub batch: usize,
+}
+
+/// Records `C = alpha * A B`, or `C += alpha * A B` with `accumulate`. C is row-major with row
+/// stride `c_rs`, from element `c_off`, batches `c_bs` apart.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    rec: &mut Recorder,
+    s: GemmShape,
+    alpha: f32,
+    a: Strided,
+    b: Strided,
+    c: &Tensor,
+    (c_off, c_rs, c_bs): (usize, usize, usize),
+    accumulate: bool,
+) -> Result<()> {
+    if s.m == 0 || s.n == 0 || s.batch == 0 {
+        return Ok(());
+    }
+    if s.k == 0 {
+        return Err(RuntimeError::Shape("gemm: a reduction of length 0".into()));
+    }
+    a.check("A", s.m, s.k, s.batch)?;
+    b.check("B", s.n, s.k, s.batch)?;
+    let c_last = c_off + (s.m - 1) * c_rs + (s.n - 1) + (s.batch - 1) * c_bs;
+    if c_last >= c.len() {
+        return Err(RuntimeError::Shape(format!(
+            "gemm: output of shape {:?} is written up to element {c_last}",
+            c.shape()
+        )));
+    }
+    let u = |v: usize| v as u32;
+    let params = [
+        u(s.m),
+        u(s.n),
+        u(s.k),
+        accumulate as u32,
+        u(a.off),
+        u(a.os),
+        u(a.ls),
+        u(a.bs),
+        u(b.off),
+        u(b.ls),
+        u(b.os),
+        u(b.bs),
+        u(c_off),
+        u(c_rs),
+        u(c_bs),
+        alpha.to_bits(),
+    ];
+    let groups = [u(s.n.div_ceil(32)), u(s.m.div_ceil(32)), u(s.batch)];
+    let max = rec.gpu().limits().max_compute_workgroups_per_dimension as usize;
+    if groups.iter().any(|&g| g as usize > max) {
+        return Err(RuntimeError::Shape(format!(
+            "gemm of {s:?} needs more than {max} workgroups in one dimension"
+        )));
+    }
+    rec.dispatch(
+        &PipelineKey::new("train_matmul", "main"),
+        &params,
+        &[a.t.buffer(), b.t.buffer(), c.buffer()],
+        groups,
+    )
+}
+
+/// Splits a shape `[.., k]` into (rows, k).
+fn rows_of(shape: &[usize]) -> (usize, usize) {
+    let k = shape.last().copied().unwrap_or(1);
+    (shape.iter().product::<usize>() / k.max(1), k)
+}
+
+struct MatmulBackward {
+    x: Var,
+    w: Var,
+    m: usize,
+    n: usize,
+    k: usize,
+    /// W is `[n, k]` (linear) rather than `[k, n]`.
+    trans: bool,
+}
+
+impl<'g> Tape<'g> {
+    /// `x W^T` for x `[.., k]` and a weight W `[n, k]` (a linear layer without bias): `[.., n]`.
+    pub fn linear(&mut self, x: Var, w: Var) -> Result<Var> {
+        self.product(x, w, true)
+    }
+
+    /// `x B` for x `[.., k]` and B `[k, n]`: `[.., n]`.
+    pub fn matmul(&mut self, x: Var, b: Var) -> Result<Var> {
+        self.product(x, b, false)
+    }
+
+    fn product(&mut self, x: Var, w: Var, trans: bool) -> Result<Var> {
+        let (m, k) = rows_of(self.shape(x));
+        let ws = self.shape(w).to_vec();
+        let (wk, n) = match (ws.as_slice(), trans) {
+            (&[n, k], true) => (k, n),
+            (&[k, n], false) => (k, n),
+            _ => (0, 0),
+        };
+        if wk != k || k == 0 {
+            return Err(RuntimeError::Shape(format!(
+                "{}: input {:?} and weight {ws:?} do not fit",
+                if trans { "linear" } else { "matmul" },
+                self.shape(x)
+            )));
+        }
+        let mut shape = self.shape(x).to_vec();
+        *shape.last_mut().unwrap() = n;
+        let y = self.alloc(&shape)?;
+        let (xt, wt) = (self.value(x).clone(), self.value(w).clone());
+        let b = if trans {
+            Strided::outer_major(&wt, k)
+        } else {
+            Strided::red_major(&wt, n)
+        };
+        let s = GemmShape { m, n, k, batch: 1 };
+        let a = Strided::outer_major(&xt, k);
+        gemm(&mut self.rec, s, 1.0, a, b, &y, (0, n, 0), false)?;
+        Ok(self.push(y, &[x, w], || MatmulBackward {
+            x,
+            w,
+            m,
+            n,
+            k,
+            trans,
+        }))
+    }
+}
+
+impl Backward for MatmulBackward {
+    fn backward(&self, g: &mut Grads, dy: &Tensor) -> Result<()> {
+        let (m, n, k) = (self.m, self.n, self.k);
+        let (x, w) = (g.value(self.x), g.value(self.w));
+        if let Some(dx) = g.grad_of(self.x)? {
+            // dx [m, k] += dy [m, n] W^T, with W^T [n, k] (linear) or [k, n] read transposed.
+            let wb = if self.trans {
+                Strided::red_major(&w, k)
+            } else {
+                Strided::outer_major(&w, n)
+            };
+            let s = GemmShape {
+                m,
+                n: k,
+                k: n,
+                batch: 1,
+            };
+            let a = Strided::outer_major(dy, n);
+            gemm(g.rec(), s, 1.0, a, wb, &dx, (0, k, 0), true)?;
+        }
+        if let Some(dw) = g.grad_of(self.w)? {
+            if self.trans {
+                // dW [n, k] += dy^T x
+                let s = GemmShape {
+                    m: n,
+                    n: k,
+                    k: m,
+                    batch: 1,
+                };
+                let (a, b) = (Strided::red_major(dy, n), Strided::red_major(&x, k));
+                gemm(g.rec(), s, 1.0, a, b, &dw, (0, k, 0), true)?;
+            } else {
+                // dB [k, n] += x^T dy
+                let s = GemmShape {
+                    m: k,
+                    n,
+                    k: m,
+                    batch: 1,
+                };
+                let (a, b) = (Strided::red_major(&x, k), Strided::red_major(dy, n));
+                gemm(g.rec(), s, 1.0, a, b, &dw, (0, n, 0), true)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// CPU reference: `x W^T` (`trans`, W `[n, k]`) or `x B` (B `[k, n]`), x `[m, k]`.
+pub fn product_ref(x: &[f64], w: &[f64], m: usize, k: usize, n: usize, trans: bool) -> Vec<f64> {
+    let mut y = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            y[i * n + j] = (0..k)
+                .map(|l| x[i * k + l] * if trans { w[j * k + l] } else { w[l * n + j] })
+                .sum();
+        }
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::autograd::check::{assert_close, finite_diff, probe_loss, to_f64};
+    use crate::ops::test_util::gpu;
+    use crate::testing::random_f32;
+
+    #[test]
+    fn gemm_matches_the_reference_on_odd_shapes_and_strides() {
+        let gpu = gpu();
+        for (m, n, k, batch) in [
+            (1, 1, 1, 1),
+            (33, 17, 45, 1),
+            (5, 70, 3, 3),
+            (64, 64, 64, 2),
+        ] {
+            let a = random_f32(batch * m * k, 1);
+            let b = random_f32(batch * n * k, 2);
+            let c0 = random_f32(batch * m * n, 3);
+            let (at, bt) = (
+                gpu.tensor_from(&[a.len()], &a).unwrap(),
+                gpu.tensor_from(&[b.len()], &b).unwrap(),
+            );
+            let ct = gpu.tensor_from(&[c0.len()], &c0).unwrap();
+            let mut rec = Recorder::new(gpu);
+            // A read transposed ([k, m] in memory), B as [n, k] read transposed; C accumulated.
+            let sa = Strided {
+                t: &at,
+                off: 0,
+                os: 1,
+                ls: m,
+                bs: m * k,
+            };
+            let sb = Strided {
+                t: &bt,
+                off: 0,
+                os: k,
+                ls: 1,
+                bs: n * k,
+            };
+            let s = GemmShape { m, n, k, batch };
+            gemm(&mut rec, s, 0.5, sa, sb, &ct, (0, n, m * n), true).unwrap();
+            rec.submit().unwrap();
+            let got = gpu.read(&ct).unwrap();
+            let mut want = vec![0.0f64; batch * m * n];
+            for z in 0..batch {
+                for i in 0..m {
+                    for j in 0..n {
+                        let dot: f64 = (0..k)
+                            .map(|l| {
+                                a[z * m * k + l * m + i] as f64 * b[z * n * k + j * k + l] as f64
+                            })
+                            .sum();
+                        want[z * m * n + i * n + j] = c0[z * m * n + i * n + j] as f64 + 0.5 * dot;
+                    }
+                }
+            }
+            assert_close(&format!("gemm {m}x{n}x{k}x{batch}"), &got, &want, 1e-5);
+        }
+    }
+
+    #[test]
+    fn gemm_rejects_operands_read_past_their_end() {
+        let gpu = gpu();
+        let t = gpu.tensor(&[10]).unwrap();
+        let mut rec = Recorder::new(gpu);
+        let s = GemmShape {
+            m: 3,
+            n: 3,
+            k: 4,
+            batch: 1,
+        };
+        let err = gemm(
+            &mut rec,
+            s,
+            1.0,
+            Strided::outer_major(&t, 4),
+            Strided::red_major(&t, 3),
+            &t,
+            (0, 3, 0),
+            false,
+        );
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn linear_and_matmul_backward_match_finite_differences() {
+        let gpu = gpu();
+        for (m, k, n, trans) in [(3, 5, 7, true), (9, 33, 2, true), (4, 6, 35, false)] {
+            let x = random_f32(m * k, 10);
+            let w = random_f32(n * k, 11);
+            let probe = random_f32(m * n, 12);
+            let mut tape = Tape::new(gpu);
+            let xv = tape.leaf(gpu.tensor_from(&[m, k], &x).unwrap());
+            let wshape = if trans { [n, k] } else { [k, n] };
+            let wv = tape.leaf(gpu.tensor_from(&wshape, &w).unwrap());
+            let y = if trans {
+                tape.linear(xv, wv)
+            } else {
+                tape.matmul(xv, wv)
+            }
+            .unwrap();
+            assert_eq!(tape.shape(y), &[m, n]);
+            let seed = gpu.tensor_from(&[m * n], &probe).unwrap();
+            tape.backward_from(y, seed).unwrap();
+            let (yt, dx, dw) = (
+                tape.value(y).clone(),
+                tape.grad(xv).unwrap().clone(),
+                tape.grad(wv).unwrap().clone(),
+            );
+            tape.submit().unwrap();
+            let (x64, w64) = (to_f64(&x), to_f64(&w));
+            let want_y = product_ref(&x64, &w64, m, k, n, trans);
+            assert_close("y", &gpu.read(&yt).unwrap(), &want_y, 1e-5);
+            let fx = finite_diff(&x64, |x| {
+                probe_loss(&product_ref(x, &w64, m, k, n, trans), &probe)
+            });
+            let fw = finite_diff(&w64, |w| {
+                probe_loss(&product_ref(&x64, w, m, k, n, trans), &probe)
+            });
+            assert_close("dx", &gpu.read(&dx).unwrap(), &fx, 1e-4);
+            assert_close("dw", &gpu.read(&dw).unwrap(), &fw, 1e-4);
+        }
+    }
+
+    #[test]
+    fn a_value_used_twice_gets_both_gradients_and_params_accumulate() {
+        let gpu = gpu();
+        let p = crate::autograd::Param::new(gpu, "w", &[2, 3], &random_f32(6, 5)).unwrap();
+        let x = random_f32(4 * 3, 6);
+        let probe = random_f32(4 * 2, 7);
+        for _ in 0..2 {
+            let mut tape = Tape::new(gpu);
+            let xv = tape.upload(&[4, 3], &x).unwrap();
+            let wv = tape.param(&p);
+            let y1 = tape.linear(xv, wv).unwrap();
+            let _ = tape.linear(xv, wv).unwrap();
+            let seed = gpu.tensor_from(&[8], &probe).unwrap();
+            tape.backward_from(y1, seed).unwrap();
+            tape.submit().unwrap();
+        }
+        // Two tapes, each with one seeded output: dW = 2 probe^T x.
+        let mut want = vec![0.0f64; 6];
+        for j in 0..2 {
+            for l in 0..3 {
+                want[j * 3 + l] = 2.0
+                    * (0..4)
+                        .map(|i| probe[i * 2 + j] as f64 * x[i * 3 + l] as f64)
+                        .sum::<f64>();
+            }
+        }
+        assert_close("accumulated dW", &gpu.read(&p.grad).unwrap(), &want, 1e-5);
+    }
+}
