@@ -1,8 +1,10 @@
 //! Kernel throughput on the default device: mat-vec and matmul for each weight type, attention
-//! at several context lengths, RMSNorm. Shapes are SmolLM2-135M's. Each iteration is one
-//! submit and wait, so small kernels include the submit overhead.
+//! at several context lengths, RMSNorm (SmolLM2-135M's shapes), and the training gemm in its
+//! three orientations (the `1m` training model's shapes). Each iteration is one submit and
+//! wait, so small kernels include the submit overhead.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use tessera::runtime::autograd::matmul::{gemm, GemmShape, Strided};
 use tessera::runtime::ops::{self, AttentionParams, LinearOut};
 use tessera::runtime::testing::{random_f32, random_weight};
 use tessera::runtime::{DType, Gpu, GpuOptions, Recorder};
@@ -98,5 +100,75 @@ fn rmsnorm(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, linear, attention, rmsnorm);
+/// The training gemm on a batch of 16 x 128 tokens through a 128 -> 384 layer: forward
+/// (x W^T), the input gradient (dy W) and the weight gradient (dy^T x).
+fn train_gemm(c: &mut Criterion) {
+    let gpu = gpu();
+    let (m, k, n) = (2048, 128, 384);
+    let x = gpu.tensor_from(&[m * k], &random_f32(m * k, 1)).unwrap();
+    let w = gpu.tensor_from(&[n * k], &random_f32(n * k, 2)).unwrap();
+    let dy = gpu.tensor_from(&[m * n], &random_f32(m * n, 3)).unwrap();
+    let out = gpu.tensor(&[m * n.max(k)]).unwrap();
+    let dw = gpu.tensor(&[n * k]).unwrap();
+    let mut group = c.benchmark_group("train_gemm");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements((2 * m * n * k) as u64));
+    type Case<'a> = (
+        &'a str,
+        GemmShape,
+        Strided<'a>,
+        Strided<'a>,
+        &'a tessera::runtime::Tensor,
+        usize,
+    );
+    let cases: [Case; 3] = [
+        (
+            "forward",
+            GemmShape { m, n, k, batch: 1 },
+            Strided::outer_major(&x, k),
+            Strided::outer_major(&w, k),
+            &out,
+            n,
+        ),
+        (
+            "input_grad",
+            GemmShape {
+                m,
+                n: k,
+                k: n,
+                batch: 1,
+            },
+            Strided::outer_major(&dy, n),
+            Strided::red_major(&w, k),
+            &out,
+            k,
+        ),
+        (
+            "weight_grad",
+            GemmShape {
+                m: n,
+                n: k,
+                k: m,
+                batch: 1,
+            },
+            Strided::red_major(&dy, n),
+            Strided::red_major(&x, k),
+            &dw,
+            k,
+        ),
+    ];
+    for (name, s, a, b, c_out, rs) in cases {
+        group.bench_function(name, |bench| {
+            bench.iter(|| {
+                let mut rec = Recorder::new(&gpu);
+                gemm(&mut rec, s, 1.0, a, b, c_out, (0, rs, 0), false).unwrap();
+                rec.submit().unwrap();
+                gpu.wait().unwrap();
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, linear, attention, rmsnorm, train_gemm);
 criterion_main!(benches);

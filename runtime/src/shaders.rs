@@ -46,6 +46,10 @@ pub const SOURCES: &[(&str, &str)] = &[
         "train_matmul",
         include_str!("../../shaders/train_matmul.wgsl"),
     ),
+    (
+        "train_matmul_rows",
+        include_str!("../../shaders/train_matmul_rows.wgsl"),
+    ),
 ];
 
 /// Kernel families whose source calls the block dequantisation in `quant.wgsl`.
@@ -254,6 +258,12 @@ mod tests {
         all.push(("rope", vec![]));
         all.push(("elementwise", vec![]));
         all.push(("train_matmul", vec![]));
+        for variant in [0, 1] {
+            all.push((
+                "train_matmul_rows",
+                vec![("VARIANT", variant), ("AV", 4096)],
+            ));
+        }
         all
     }
 

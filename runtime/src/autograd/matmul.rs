@@ -3,8 +3,9 @@
 
 use crate::autograd::{Backward, Grads, Tape, Var};
 use crate::error::{Result, RuntimeError};
+use crate::gpu::KernelLayout;
 use crate::pipeline::PipelineKey;
-use crate::recorder::Recorder;
+use crate::recorder::{Binding, Recorder};
 use crate::tensor::Tensor;
 
 /// One operand of [`gemm`]. Element (outer index o, reduction index l) is read at
@@ -91,6 +92,11 @@ pub fn gemm(
             c.shape()
         )));
     }
+    if rec.gpu().kernel_layout() == KernelLayout::LanePerRow
+        && gemm_rows(rec, s, alpha, a, b, c, (c_off, c_rs, c_bs), accumulate)?
+    {
+        return Ok(());
+    }
     let u = |v: usize| v as u32;
     let params = [
         u(s.m),
@@ -123,6 +129,120 @@ pub fn gemm(
         &[a.t.buffer(), b.t.buffer(), c.buffer()],
         groups,
     )
+}
+
+/// The lane-per-column gemm of CPU devices (`train_matmul_rows.wgsl`): A through uniform
+/// windows, B by vec4 loads. Returns `false`, recording nothing, where the operands' layout or
+/// the device's limits do not suit it.
+#[allow(clippy::too_many_arguments)]
+fn gemm_rows(
+    rec: &mut Recorder,
+    s: GemmShape,
+    alpha: f32,
+    a: Strided,
+    b: Strided,
+    c: &Tensor,
+    (c_off, c_rs, c_bs): (usize, usize, usize),
+    accumulate: bool,
+) -> Result<bool> {
+    let aligned = |v: usize| v % 4 == 0;
+    let variant = if a.ls == 1
+        && b.ls == 1
+        && [s.k, a.os, a.off, a.bs, b.os, b.off, b.bs]
+            .into_iter()
+            .all(aligned)
+    {
+        0
+    } else if b.os == 1 && [b.ls, b.off, b.bs].into_iter().all(aligned) {
+        1
+    } else {
+        return Ok(false);
+    };
+    let limits = rec.gpu().limits();
+    let limit = (limits.max_uniform_buffer_binding_size as usize).min(1 << 16) / 4;
+    let align = (limits.min_uniform_buffer_offset_alignment as usize / 4).max(4);
+    if !a.t.buffer().usage().contains(wgpu::BufferUsages::UNIFORM) || align % 4 != 0 {
+        return Ok(false);
+    }
+    // Windows of A: by rows when each row's reduction is contiguous-ish, else by reduction
+    // steps (accumulated over dispatches). Each window spans at most `limit - align` floats.
+    let room = limit.saturating_sub(align + 1);
+    let by_rows = a.ls <= a.os;
+    let (rows_per, steps_per) = if by_rows {
+        let need = (s.k - 1) * a.ls;
+        if need > room {
+            return Ok(false);
+        }
+        let rows = (room - need) / a.os.max(1) + 1;
+        (if rows >= 8 { rows / 8 * 8 } else { rows }, s.k)
+    } else {
+        let need = (s.m - 1) * a.os;
+        if need > room {
+            return Ok(false);
+        }
+        let steps = (room - need) / a.ls + 1;
+        (s.m, if variant == 0 { steps / 4 * 4 } else { steps })
+    };
+    if rows_per == 0 || steps_per == 0 {
+        return Ok(false);
+    }
+    let max_groups = limits.max_compute_workgroups_per_dimension as usize;
+    let cols = if variant == 0 { s.n } else { s.n.div_ceil(4) };
+    if cols.div_ceil(64) > max_groups || rows_per.div_ceil(8) > max_groups {
+        return Ok(false);
+    }
+    let buffer_floats = a.t.buffer().size() as usize / 4;
+    let u = |v: usize| v as u32;
+    for z in 0..s.batch {
+        let a_off = a.off + z * a.bs;
+        for i_lo in (0..s.m).step_by(rows_per) {
+            let rows = rows_per.min(s.m - i_lo);
+            for (n_step, l_lo) in (0..s.k).step_by(steps_per).enumerate() {
+                let steps = steps_per.min(s.k - l_lo);
+                let first = a_off + i_lo * a.os + l_lo * a.ls;
+                let end = first + (rows - 1) * a.os + (steps - 1) * a.ls + 1;
+                let start = first / align * align;
+                // Window lengths rounded up to 1 KiB where the buffer allows, so few sizes
+                // (pipelines) occur.
+                let mut len = (end - start).div_ceil(4) * 4;
+                if start + len.div_ceil(256) * 256 <= buffer_floats.min(start + limit) {
+                    len = len.div_ceil(256) * 256;
+                }
+                let params = [
+                    u(rows),
+                    u(s.n),
+                    u(steps),
+                    (accumulate || n_step > 0) as u32,
+                    u(first - start),
+                    u(a.os),
+                    u(a.ls),
+                    u(i_lo),
+                    u(b.off + z * b.bs),
+                    u(b.os),
+                    u(b.ls),
+                    u(l_lo),
+                    u(c_off + z * c_bs),
+                    u(c_rs),
+                    alpha.to_bits(),
+                    0,
+                ];
+                let key = PipelineKey::new("train_matmul_rows", "main")
+                    .define("VARIANT", variant)
+                    .define("AV", u(len / 4));
+                let bindings = [
+                    Binding {
+                        buffer: a.t.buffer(),
+                        range: Some((start as u64 * 4, len as u64 * 4)),
+                    },
+                    b.t.buffer().into(),
+                    c.buffer().into(),
+                ];
+                let groups = [u(cols.div_ceil(64)), u(rows.div_ceil(8)), 1];
+                rec.dispatch_bound(&key, &params, &bindings, groups)?;
+            }
+        }
+    }
+    Ok(true)
 }
 
 /// Splits a shape `[.., k]` into (rows, k).
