@@ -145,7 +145,7 @@ fn gemm_rows(
     (c_off, c_rs, c_bs): (usize, usize, usize),
     accumulate: bool,
 ) -> Result<bool> {
-    let aligned = |v: usize| v % 4 == 0;
+    let aligned = |v: usize| v.is_multiple_of(4);
     let variant = if a.ls == 1
         && b.ls == 1
         && [s.k, a.os, a.off, a.bs, b.os, b.off, b.bs]
@@ -161,7 +161,7 @@ fn gemm_rows(
     let limits = rec.gpu().limits();
     let limit = (limits.max_uniform_buffer_binding_size as usize).min(1 << 16) / 4;
     let align = (limits.min_uniform_buffer_offset_alignment as usize / 4).max(4);
-    if !a.t.buffer().usage().contains(wgpu::BufferUsages::UNIFORM) || align % 4 != 0 {
+    if !a.t.buffer().usage().contains(wgpu::BufferUsages::UNIFORM) || !align.is_multiple_of(4) {
         return Ok(false);
     }
     // Windows of A: by rows when each row's reduction is contiguous-ish, else by reduction
