@@ -46,6 +46,7 @@ pub const SOURCES: &[(&str, &str)] = &[
         "train_matmul",
         include_str!("../../shaders/train_matmul.wgsl"),
     ),
+    ("optim", include_str!("../../shaders/optim.wgsl")),
 ];
 
 /// Kernel families whose source calls the block dequantisation in `quant.wgsl`.
@@ -254,6 +255,7 @@ mod tests {
         all.push(("rope", vec![]));
         all.push(("elementwise", vec![]));
         all.push(("train_matmul", vec![]));
+        all.push(("optim", vec![]));
         all
     }
 
