@@ -11,6 +11,7 @@ pub mod error;
 pub mod gpu;
 pub mod io;
 pub mod ops;
+pub mod optim;
 pub mod pipeline;
 mod pool;
 pub mod recorder;

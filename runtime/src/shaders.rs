@@ -50,6 +50,7 @@ pub const SOURCES: &[(&str, &str)] = &[
         "train_matmul_rows",
         include_str!("../../shaders/train_matmul_rows.wgsl"),
     ),
+    ("optim", include_str!("../../shaders/optim.wgsl")),
 ];
 
 /// Kernel families whose source calls the block dequantisation in `quant.wgsl`.
@@ -264,6 +265,7 @@ mod tests {
                 vec![("VARIANT", variant), ("AV", 4096)],
             ));
         }
+        all.push(("optim", vec![]));
         all
     }
 

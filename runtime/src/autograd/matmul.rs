@@ -246,7 +246,7 @@ fn gemm_rows(
 }
 
 /// Splits a shape `[.., k]` into (rows, k).
-fn rows_of(shape: &[usize]) -> (usize, usize) {
+pub(super) fn rows_of(shape: &[usize]) -> (usize, usize) {
     let k = shape.last().copied().unwrap_or(1);
     (shape.iter().product::<usize>() / k.max(1), k)
 }
@@ -259,20 +259,29 @@ struct MatmulBackward {
     k: usize,
     /// W is `[n, k]` (linear) rather than `[k, n]`.
     trans: bool,
+    /// A `[m, n]` tensor that must hold dy after the backward pass (`linear_factors`): the
+    /// output's gradient buffer itself, unless `backward_from` seeded the output.
+    capture: Option<Tensor>,
 }
 
 impl<'g> Tape<'g> {
     /// `x W^T` for x `[.., k]` and a weight W `[n, k]` (a linear layer without bias): `[.., n]`.
     pub fn linear(&mut self, x: Var, w: Var) -> Result<Var> {
-        self.product(x, w, true)
+        self.product(x, w, true, None)
     }
 
     /// `x B` for x `[.., k]` and B `[k, n]`: `[.., n]`.
     pub fn matmul(&mut self, x: Var, b: Var) -> Result<Var> {
-        self.product(x, b, false)
+        self.product(x, b, false, None)
     }
 
-    fn product(&mut self, x: Var, w: Var, trans: bool) -> Result<Var> {
+    /// [`linear`](Self::linear) whose backward pass leaves the output's gradient in `capture`
+    /// (`[.., n]`, as many values as the output; see `per_example`).
+    pub(super) fn linear_capturing(&mut self, x: Var, w: Var, capture: Tensor) -> Result<Var> {
+        self.product(x, w, true, Some(capture))
+    }
+
+    fn product(&mut self, x: Var, w: Var, trans: bool, capture: Option<Tensor>) -> Result<Var> {
         let (m, k) = rows_of(self.shape(x));
         let ws = self.shape(w).to_vec();
         let (wk, n) = match (ws.as_slice(), trans) {
@@ -285,6 +294,12 @@ impl<'g> Tape<'g> {
                 "{}: input {:?} and weight {ws:?} do not fit",
                 if trans { "linear" } else { "matmul" },
                 self.shape(x)
+            )));
+        }
+        if capture.as_ref().is_some_and(|c| c.len() != m * n) {
+            return Err(RuntimeError::Shape(format!(
+                "linear: a gradient capture of shape {:?} for an output of {m} x {n}",
+                capture.as_ref().map(|c| c.shape().to_vec())
             )));
         }
         let mut shape = self.shape(x).to_vec();
@@ -306,6 +321,7 @@ impl<'g> Tape<'g> {
             n,
             k,
             trans,
+            capture,
         }))
     }
 }
@@ -314,6 +330,11 @@ impl Backward for MatmulBackward {
     fn backward(&self, g: &mut Grads, dy: &Tensor) -> Result<()> {
         let (m, n, k) = (self.m, self.n, self.k);
         let (x, w) = (g.value(self.x), g.value(self.w));
+        if let Some(c) = &self.capture {
+            if !std::sync::Arc::ptr_eq(&c.buf, &dy.buf) {
+                g.rec().copy(dy, 0, c, 0, m * n);
+            }
+        }
         if let Some(dx) = g.grad_of(self.x)? {
             // dx [m, k] += dy [m, n] W^T, with W^T [n, k] (linear) or [k, n] read transposed.
             let wb = if self.trans {

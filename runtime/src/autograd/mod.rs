@@ -19,6 +19,7 @@
 //! reference.
 
 pub mod matmul;
+pub mod per_example;
 
 #[cfg(test)]
 pub(crate) mod check;
