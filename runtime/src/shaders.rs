@@ -51,6 +51,12 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../shaders/train_matmul_rows.wgsl"),
     ),
     ("optim", include_str!("../../shaders/optim.wgsl")),
+    ("train_rope", include_str!("../../shaders/train_rope.wgsl")),
+    (
+        "train_attention",
+        include_str!("../../shaders/train_attention.wgsl"),
+    ),
+    ("train_loss", include_str!("../../shaders/train_loss.wgsl")),
 ];
 
 /// Kernel families whose source calls the block dequantisation in `quant.wgsl`.
@@ -266,6 +272,14 @@ mod tests {
             ));
         }
         all.push(("optim", vec![]));
+        all.push(("train_rope", vec![]));
+        for hd in [1, 4, 6, 16, 64, 256] {
+            let defines = vec![("HD", hd), ("WG", 32), ("BK", 16)];
+            all.push(("train_attention", defines));
+        }
+        for wg in [1, 64] {
+            all.push(("train_loss", vec![("WG", wg)]));
+        }
         all
     }
 

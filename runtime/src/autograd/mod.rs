@@ -18,8 +18,11 @@
 //! Ops live one family per module (`matmul`, ...) as `impl Tape` blocks, each beside its
 //! reference.
 
+pub mod attention;
+pub mod loss;
 pub mod matmul;
 pub mod per_example;
+pub mod rope;
 
 #[cfg(test)]
 pub(crate) mod check;
