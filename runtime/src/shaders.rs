@@ -57,6 +57,18 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../shaders/train_attention.wgsl"),
     ),
     ("train_loss", include_str!("../../shaders/train_loss.wgsl")),
+        "train_elementwise",
+        include_str!("../../shaders/train_elementwise.wgsl"),
+    ),
+    ("train_norm", include_str!("../../shaders/train_norm.wgsl")),
+    (
+        "train_reduce",
+        include_str!("../../shaders/train_reduce.wgsl"),
+    ),
+    (
+        "train_embedding",
+        include_str!("../../shaders/train_embedding.wgsl"),
+    ),
 ];
 
 /// Kernel families whose source calls the block dequantisation in `quant.wgsl`.
@@ -280,6 +292,21 @@ mod tests {
         for wg in [1, 64] {
             all.push(("train_loss", vec![("WG", wg)]));
         }
+        for op in 0..5 {
+            for rank in 1..=4 {
+                all.push(("train_elementwise", vec![("OP", op), ("RANK", rank)]));
+            }
+        }
+        for (wg, tpr) in [(64, 1), (64, 8), (64, 64), (1, 1), (16, 16)] {
+            for layer in [0, 1] {
+                let defines = vec![("WG", wg), ("TPR", tpr), ("LAYER", layer)];
+                all.push(("train_norm", defines));
+            }
+        }
+        for wg in [1, 64, 256] {
+            all.push(("train_reduce", vec![("WG", wg)]));
+        }
+        all.push(("train_embedding", vec![]));
         all
     }
 

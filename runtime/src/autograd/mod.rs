@@ -15,14 +15,19 @@
 //! - every op has a CPU reference in f64, and the tests compare its backward kernels with
 //!   central finite differences of that reference on small odd shapes (`check`).
 //!
-//! Ops live one family per module (`matmul`, ...) as `impl Tape` blocks, each beside its
-//! reference.
+//! Ops live one family per module (`matmul`, `norm`, `elementwise`, `reduce`, `embedding`) as
+//! `impl Tape` blocks, each beside its reference.
 
 pub mod attention;
 pub mod loss;
 pub mod matmul;
 pub mod per_example;
 pub mod rope;
+pub mod elementwise;
+pub mod embedding;
+pub mod matmul;
+pub mod norm;
+pub mod reduce;
 
 #[cfg(test)]
 pub(crate) mod check;
