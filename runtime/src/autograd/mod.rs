@@ -15,19 +15,19 @@
 //! - every op has a CPU reference in f64, and the tests compare its backward kernels with
 //!   central finite differences of that reference on small odd shapes (`check`).
 //!
-//! Ops live one family per module (`matmul`, `norm`, `elementwise`, `reduce`, `embedding`) as
+//! Ops live one family per module (`matmul`, `norm`, `elementwise`, `reduce`, `embedding`,
+//! `rope`, `attention`, `loss`; `per_example` for per-sequence gradients of linear layers) as
 //! `impl Tape` blocks, each beside its reference.
 
 pub mod attention;
-pub mod loss;
-pub mod matmul;
-pub mod per_example;
-pub mod rope;
 pub mod elementwise;
 pub mod embedding;
+pub mod loss;
 pub mod matmul;
 pub mod norm;
+pub mod per_example;
 pub mod reduce;
+pub mod rope;
 
 #[cfg(test)]
 pub(crate) mod check;
@@ -299,7 +299,6 @@ impl<'g> Grads<'_, 'g> {
     }
 
     /// A scratch tensor that lives until the submit.
-    #[allow(dead_code)]
     pub fn alloc(&mut self, shape: &[usize]) -> Result<Tensor> {
         self.tape.alloc(shape)
     }
