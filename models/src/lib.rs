@@ -4,3 +4,4 @@
 pub mod fetch;
 pub mod hf;
 pub mod llm;
+pub mod train;

@@ -57,6 +57,7 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../shaders/train_attention.wgsl"),
     ),
     ("train_loss", include_str!("../../shaders/train_loss.wgsl")),
+    (
         "train_elementwise",
         include_str!("../../shaders/train_elementwise.wgsl"),
     ),

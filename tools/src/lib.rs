@@ -7,6 +7,7 @@
 mod bench;
 mod progress;
 mod quant;
+mod train_cmd;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,12 +17,16 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tessera_models::fetch;
+use tessera_models::hf::{self, ConvertReport};
 use tessera_models::llm::chat::ChatMessage;
 use tessera_models::llm::generate::generate;
 use tessera_models::llm::perplexity::perplexity;
 use tessera_models::llm::sampler::SamplerConfig;
 use tessera_models::llm::{LoadedModel, Session};
+use tessera_models::train;
 use tessera_runtime::{enumerate_adapters, DeviceSelector, Gpu, GpuOptions};
+
+use crate::progress::bytes_bar;
 
 #[derive(Parser)]
 #[command(
@@ -58,6 +63,10 @@ enum Command {
     /// each run's weight bandwidth against the device's copy bandwidth; on a model file or a
     /// synthetic model of a published shape, on one device or all.
     Bench(bench::BenchArgs),
+    /// Training on the runtime's kernels: a small byte-level llama from scratch (`lm`), and a
+    /// checkpoint exported to GGUF (`export`).
+    #[command(subcommand)]
+    Train(train_cmd::TrainCommand),
 }
 
 /// The `quant` program: `tessera quant` under its own name.
@@ -85,9 +94,9 @@ pub fn run_quant() -> Result<()> {
 
 #[derive(Args)]
 pub(crate) struct ModelArgs {
-    /// GGUF model file (`quant` also takes a Hugging Face safetensors folder of a llama model);
-    /// without it, the default model (SmolLM2-135M-Instruct) is fetched once into the cache
-    /// directory.
+    /// GGUF model file, or a folder: a Hugging Face llama checkpoint (safetensors) or the output
+    /// of `tessera train lm` (its newest checkpoint), converted to GGUF on the way in; without
+    /// it, the default model (SmolLM2-135M-Instruct) is fetched once into the cache directory.
     #[arg(short = 'm', long = "model")]
     pub(crate) model: Option<PathBuf>,
 
@@ -205,6 +214,7 @@ pub fn run() -> Result<()> {
         Command::Fetch => out(model_path(&None)?.display()),
         Command::Quant(cmd) => quant::run(cmd),
         Command::Bench(args) => bench::run(args),
+        Command::Train(cmd) => train_cmd::run(cmd),
     }
 }
 
@@ -297,12 +307,104 @@ pub(crate) fn open_gpu(selector: &DeviceSelector) -> Result<Arc<Gpu>> {
     Ok(Arc::new(Gpu::new(&options)?))
 }
 
-fn load(args: &ModelArgs) -> Result<(LoadedModel, Arc<Gpu>)> {
+/// Opens the model of `args`: a GGUF file, or a folder (a Hugging Face llama checkpoint or a
+/// training run's checkpoints) converted to GGUF first, so both run through the same code.
+fn load(args: &ModelArgs) -> Result<(LoadedModel, Arc<Gpu>, ModelInput)> {
     let path = model_path(&args.model)?;
     let gpu = open_gpu(&args.device)?;
-    let loaded = LoadedModel::open(&path, gpu.clone())
+    let input = ModelInput::open(&path, None)?;
+    let loaded = LoadedModel::open(&input.gguf, gpu.clone())
         .with_context(|| format!("loading model {}", path.display()))?;
-    Ok((loaded, gpu))
+    Ok((loaded, gpu, input))
+}
+
+/// A line for the person at the terminal (stderr), never mixed into results on stdout.
+pub(crate) fn note(line: impl std::fmt::Display) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// A model named on the command line, as a GGUF file to open: the file itself, or a safetensors
+/// folder converted into a temporary folder that is removed when this value is dropped.
+pub(crate) struct ModelInput {
+    pub(crate) gguf: PathBuf,
+    pub(crate) converted: Option<ConvertReport>,
+    _scratch: Option<tempfile::TempDir>,
+}
+
+impl ModelInput {
+    /// Takes `path` as it is when it is a file; converts a folder into a temporary folder
+    /// inside `scratch` (the system's temporary folder when `None`). A folder of training
+    /// checkpoints (`tessera train lm --out`) stands for its newest checkpoint.
+    pub(crate) fn open(path: &Path, scratch: Option<&Path>) -> Result<Self> {
+        if !hf::is_hf_folder(path) {
+            return Ok(ModelInput {
+                gguf: path.to_path_buf(),
+                converted: None,
+                _scratch: None,
+            });
+        }
+        let latest;
+        let path = if path.join("config.json").is_file() {
+            path
+        } else {
+            latest = train::latest_checkpoint(path);
+            latest.as_deref().unwrap_or(path)
+        };
+        let builder = {
+            let mut b = tempfile::Builder::new();
+            b.prefix(".tessera-convert-");
+            b
+        };
+        let tmp = match scratch {
+            Some(dir) => builder.tempdir_in(dir),
+            None => builder.tempdir(),
+        }
+        .with_context(|| {
+            format!(
+                "cannot make a temporary folder for the converted model in {}",
+                scratch
+                    .map_or_else(std::env::temp_dir, Path::to_path_buf)
+                    .display()
+            )
+        })?;
+        let gguf = tmp.path().join("model.gguf");
+        let b = bytes_bar(0, "converting");
+        let report = hf::convert(path, &gguf, &|done, total| {
+            b.set_length(total);
+            b.set_position(done);
+        })
+        .with_context(|| format!("converting the safetensors folder {}", path.display()))?;
+        b.finish_and_clear();
+        note(format!(
+            "converted {} ({} in {} safetensors file(s), pre-tokenizer {}) to GGUF in {:.1} s",
+            path.display(),
+            report.source_dtypes.join(", "),
+            report.files,
+            report.pre_tokenizer,
+            report.seconds
+        ));
+        Ok(ModelInput {
+            gguf,
+            converted: Some(report),
+            _scratch: Some(tmp),
+        })
+    }
+}
+
+/// Writes a file atomically (temp file in the same folder, then rename).
+pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("writing in {}", dir.display()))?;
+    tmp.write_all(bytes)
+        .and_then(|_| tmp.as_file().sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
 
 /// Text files larger than this are refused rather than read whole.
@@ -347,7 +449,7 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
     };
     check_sampling(&args)?;
     let start = Instant::now();
-    let (loaded, gpu) = load(&args.model)?;
+    let (loaded, gpu, _input) = load(&args.model)?;
     let loaded_after = start.elapsed();
     let text = if args.chat {
         let Some(template) = loaded.chat_template.as_ref() else {
@@ -481,7 +583,7 @@ fn check_sampling(args: &GenerateArgs) -> Result<()> {
 
 fn perplexity_command(args: PerplexityArgs) -> Result<()> {
     let text = read_text(&args.file)?;
-    let (loaded, gpu) = load(&args.model)?;
+    let (loaded, gpu, _input) = load(&args.model)?;
     let mut tokens = loaded.tokenizer.encode(&text, true, false);
     if args.max_tokens > 0 {
         tokens.truncate(args.max_tokens);

@@ -2,7 +2,6 @@
 //! command-line face of `tessera-quant`. Each takes a GGUF file or a Hugging Face safetensors
 //! folder, converted first to a temporary GGUF that is removed when the command ends.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,8 +22,7 @@ use tessera_quant::stats::ModelStats;
 use tessera_runtime::io::gguf::GgufFile;
 use tessera_runtime::{DType, Gpu};
 
-use crate::progress::bytes_bar;
-use crate::{model_path, open_gpu, out, read_text, ModelArgs};
+use crate::{model_path, note, open_gpu, out, read_text, ModelArgs, ModelInput};
 
 #[derive(Subcommand)]
 pub enum QuantCommand {
@@ -221,70 +219,6 @@ fn bar(total: usize, what: &str) -> ProgressBar {
     .unwrap_or_else(|_| ProgressStyle::default_bar());
     b.set_style(style.progress_chars("=> "));
     b
-}
-
-fn note(line: impl std::fmt::Display) {
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
-/// A model named on the command line, as a GGUF file to open: the file itself, or a safetensors
-/// folder converted into a temporary folder that is removed when this value is dropped.
-struct ModelInput {
-    gguf: PathBuf,
-    converted: Option<ConvertReport>,
-    _scratch: Option<tempfile::TempDir>,
-}
-
-impl ModelInput {
-    /// Takes `path` as it is when it is a file; converts a folder into a temporary folder
-    /// inside `scratch` (the system's temporary folder when `None`).
-    fn open(path: &Path, scratch: Option<&Path>) -> Result<Self> {
-        if !hf::is_hf_folder(path) {
-            return Ok(ModelInput {
-                gguf: path.to_path_buf(),
-                converted: None,
-                _scratch: None,
-            });
-        }
-        let builder = {
-            let mut b = tempfile::Builder::new();
-            b.prefix(".tessera-convert-");
-            b
-        };
-        let tmp = match scratch {
-            Some(dir) => builder.tempdir_in(dir),
-            None => builder.tempdir(),
-        }
-        .with_context(|| {
-            format!(
-                "cannot make a temporary folder for the converted model in {}",
-                scratch
-                    .map_or_else(std::env::temp_dir, Path::to_path_buf)
-                    .display()
-            )
-        })?;
-        let gguf = tmp.path().join("model.gguf");
-        let b = bytes_bar(0, "converting");
-        let report = hf::convert(path, &gguf, &|done, total| {
-            b.set_length(total);
-            b.set_position(done);
-        })
-        .with_context(|| format!("converting the safetensors folder {}", path.display()))?;
-        b.finish_and_clear();
-        note(format!(
-            "converted {} ({} in {} safetensors file(s), pre-tokenizer {}) to GGUF in {:.1} s",
-            path.display(),
-            report.source_dtypes.join(", "),
-            report.files,
-            report.pre_tokenizer,
-            report.seconds
-        ));
-        Ok(ModelInput {
-            gguf,
-            converted: Some(report),
-            _scratch: Some(tmp),
-        })
-    }
 }
 
 fn parse_method(s: &str) -> Result<Method> {
@@ -725,8 +659,8 @@ fn stats_command(args: StatsArgs) -> Result<()> {
     }
     let study = report::Study::new(&sets, args.threshold);
     let md = study.markdown();
-    write_file(&args.out_dir.join("stats.md"), md.as_bytes())?;
-    write_file(
+    crate::write_file_atomic(&args.out_dir.join("stats.md"), md.as_bytes())?;
+    crate::write_file_atomic(
         &args.out_dir.join("stats.json"),
         serde_json::to_string(&study)?.as_bytes(),
     )?;
@@ -734,7 +668,7 @@ fn stats_command(args: StatsArgs) -> Result<()> {
         .plots()
         .map_err(|e| anyhow::anyhow!("drawing the plots: {e}"))?
     {
-        write_file(&args.out_dir.join(name), svg.as_bytes())?;
+        crate::write_file_atomic(&args.out_dir.join(name), svg.as_bytes())?;
     }
     out(md.trim_end())?;
     note(format!(
@@ -832,23 +766,10 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
         }
     }
     let md = report::sweep_markdown(&rows, reference.scored());
-    write_file(&args.out_dir.join("sweep.md"), md.as_bytes())?;
-    write_file(
+    crate::write_file_atomic(&args.out_dir.join("sweep.md"), md.as_bytes())?;
+    crate::write_file_atomic(
         &args.out_dir.join("sweep.json"),
         serde_json::to_string_pretty(&rows)?.as_bytes(),
     )?;
     out(md.trim_end())
-}
-
-/// Writes a report file atomically (temp file, then rename).
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("writing in {}", dir.display()))?;
-    tmp.write_all(bytes)
-        .and_then(|_| tmp.as_file().sync_all())
-        .with_context(|| format!("writing {}", path.display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }

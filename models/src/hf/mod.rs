@@ -125,6 +125,15 @@ pub struct ConvertReport {
     pub seconds: f64,
 }
 
+/// For each tensor of a checkpoint of `config`, in GGUF order: its GGUF name, its HF name and,
+/// for q and k, the head size whose rows the conversion reorders.
+pub fn expected_tensor_names(config: &HfConfig) -> Vec<(String, String, Option<usize>)> {
+    weights::expected_tensors(config)
+        .into_iter()
+        .map(|(hf, gguf, _, permute)| (gguf, hf, permute))
+        .collect()
+}
+
 /// Whether `path` should be read as a Hugging Face folder rather than a GGUF file.
 pub fn is_hf_folder(path: &Path) -> bool {
     path.is_dir()

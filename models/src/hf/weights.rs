@@ -267,7 +267,7 @@ impl Read for RowReader<'_> {
 }
 
 /// HF names to GGUF names with the shape config.json implies, for every tensor of the model.
-fn expected_tensors(c: &HfConfig) -> Vec<(String, String, Vec<usize>, Option<usize>)> {
+pub(crate) fn expected_tensors(c: &HfConfig) -> Vec<(String, String, Vec<usize>, Option<usize>)> {
     let (d, ff, q, kv) = (
         c.hidden_size,
         c.intermediate_size,
