@@ -2,6 +2,7 @@
 //! checkpoint to GGUF (`export`).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -11,7 +12,7 @@ use tessera_models::hf;
 use tessera_models::llm::sampler::SamplerConfig;
 use tessera_models::llm::{LoadedModel, Session};
 use tessera_models::train::{self, Corpus, LmConfig, LmModel, StepStats, TrainConfig, Trainer};
-use tessera_runtime::DeviceSelector;
+use tessera_runtime::{DeviceSelector, Gpu};
 
 use crate::progress::bytes_bar;
 use crate::{note, open_gpu, out};
@@ -19,7 +20,7 @@ use crate::{note, open_gpu, out};
 #[derive(Subcommand)]
 pub(crate) enum TrainCommand {
     /// Train a small llama-family language model over bytes, from scratch.
-    Lm(LmArgs),
+    Lm(Box<LmArgs>),
     /// Write a checkpoint (or a run's newest one) as a GGUF file that Tessera and llama.cpp run.
     Export(ExportArgs),
 }
@@ -27,73 +28,83 @@ pub(crate) enum TrainCommand {
 #[derive(Args)]
 pub(crate) struct LmArgs {
     /// Training text: a file (its last 10% is held out for validation), or `tinyshakespeare`
-    /// (built in: the first 256 KiB of tinyshakespeare, validated on its last 10%).
-    #[arg(long, default_value = "tinyshakespeare")]
-    data: String,
+    /// (built in: the first 256 KiB of tinyshakespeare, validated on its last 10%) [default:
+    /// tinyshakespeare; when resuming, the run's own].
+    #[arg(long)]
+    data: Option<String>,
 
-    /// Model size: tiny (~30K parameters), 1m (~0.92M), 4m (~4.6M).
-    #[arg(long, default_value = "1m")]
-    size: String,
+    /// Model size: tiny (~43K parameters), 1m (~0.92M), 4m (~4.1M) [default: 1m].
+    #[arg(long)]
+    size: Option<String>,
 
-    /// Optimizer steps in all (a resumed run counts the steps already done).
-    #[arg(long, default_value_t = 600)]
-    steps: u64,
+    /// Optimizer steps in all, counting those a resumed run has done [default: 600; when
+    /// resuming, the run's own].
+    #[arg(long)]
+    steps: Option<u64>,
 
-    /// Sequences per step.
-    #[arg(long, default_value_t = 16)]
-    batch: usize,
+    /// Sequences per step [default: 16].
+    #[arg(long)]
+    batch: Option<usize>,
 
     /// Sequences per submit (the step's gradient accumulates over batch / micro-batch of them);
     /// defaults to the whole batch.
     #[arg(long)]
     micro_batch: Option<usize>,
 
-    /// Bytes per sequence, and the model's context.
-    #[arg(long, default_value_t = 128)]
-    seq_len: usize,
+    /// Bytes per sequence, and the model's context (2 to 8192) [default: 128].
+    #[arg(long)]
+    seq_len: Option<usize>,
 
-    /// Peak learning rate (AdamW), reached after the warmup.
-    #[arg(long, default_value_t = 3e-3)]
-    lr: f32,
+    /// Peak learning rate (AdamW), reached after the warmup [default: 3e-3].
+    #[arg(long, allow_negative_numbers = true)]
+    lr: Option<f32>,
 
-    /// Learning rate at the last step (cosine decay from the peak).
-    #[arg(long, default_value_t = 3e-4)]
-    min_lr: f32,
+    /// Learning rate at the last step (cosine decay from the peak) [default: 3e-4].
+    #[arg(long, allow_negative_numbers = true)]
+    min_lr: Option<f32>,
 
-    /// Warmup steps (linear from 0 to the peak).
-    #[arg(long, default_value_t = 50)]
-    warmup: u64,
+    /// Warmup steps (linear from 0 to the peak) [default: 50].
+    #[arg(long)]
+    warmup: Option<u64>,
 
-    /// Decoupled weight decay, on matrices only.
-    #[arg(long, default_value_t = 0.1)]
-    weight_decay: f32,
+    /// Decoupled weight decay, on matrices only [default: 0.1].
+    #[arg(long, allow_negative_numbers = true)]
+    weight_decay: Option<f32>,
 
-    /// Clip gradients to this global L2 norm.
-    #[arg(long, default_value_t = 1.0)]
-    clip: f32,
+    /// Clip gradients to this global L2 norm [default: 1.0].
+    #[arg(long, allow_negative_numbers = true)]
+    clip: Option<f32>,
 
-    /// Seed of the initial weights and of the batches.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
+    /// Seed of the initial weights and of the batches [default: 42].
+    #[arg(long)]
+    seed: Option<u64>,
 
-    /// Evaluate on the held-out text every N steps (and after the last).
-    #[arg(long, default_value_t = 100)]
-    eval_every: u64,
+    /// Evaluate on the held-out text every N steps (and after the last) [default: 100].
+    #[arg(long)]
+    eval_every: Option<u64>,
 
-    /// Held-out batches per evaluation.
-    #[arg(long, default_value_t = 8)]
-    eval_batches: usize,
+    /// Held-out batches per evaluation [default: 8].
+    #[arg(long)]
+    eval_batches: Option<usize>,
 
-    /// Save a checkpoint every N steps (0: only after the last).
-    #[arg(long, default_value_t = 100)]
-    save_every: u64,
+    /// Save a checkpoint every N steps (0: only after the last) [default: 100; when
+    /// resuming, the run's own].
+    #[arg(long)]
+    save_every: Option<u64>,
 
-    /// Output folder: checkpoints (step-NNNNNN/), loss.svg and loss.csv.
-    #[arg(long, short = 'o', default_value = "runs/lm")]
-    out: PathBuf,
+    /// Keep the newest N checkpoints of the run, removing older ones after each save (0: keep
+    /// all).
+    #[arg(long, default_value_t = 3)]
+    keep: usize,
 
-    /// Continue from a checkpoint (or a run folder's newest one); the model and the other
-    /// settings come from it, --steps may be raised.
+    /// Output folder: checkpoints (step-NNNNNN/), loss.svg and loss.csv [default: runs/lm; when
+    /// resuming, the resumed run's folder].
+    #[arg(long, short = 'o')]
+    out: Option<PathBuf>,
+
+    /// Continue from a checkpoint (or a run folder's newest one): the model, the data and the
+    /// settings come from it; only --steps (to train further), --save-every, --keep and --out
+    /// may be given.
     #[arg(long)]
     resume: Option<PathBuf>,
 
@@ -118,7 +129,7 @@ pub(crate) struct ExportArgs {
 
 pub(crate) fn run(cmd: TrainCommand) -> Result<()> {
     match cmd {
-        TrainCommand::Lm(args) => lm(args),
+        TrainCommand::Lm(args) => lm(*args),
         TrainCommand::Export(args) => export(args),
     }
 }
@@ -144,50 +155,216 @@ fn corpus(data: &str) -> Result<Corpus> {
     Ok(Corpus::from_file(path)?)
 }
 
-fn lm(args: LmArgs) -> Result<()> {
-    let gpu = open_gpu(&args.device)?;
-    let corpus = corpus(&args.data)?;
-    let mut trainer = match &args.resume {
-        Some(from) => {
-            let dir = train::latest_checkpoint(from).with_context(|| {
-                format!(
-                    "--resume {}: no checkpoint there (a step-NNNNNN folder with trainer.json)",
-                    from.display()
-                )
-            })?;
-            let ckpt = train::load_checkpoint(&dir)?;
-            let mut config = ckpt.train.clone();
-            config.steps = args.steps;
-            note(format!("resuming {} at step {}", dir.display(), ckpt.step));
-            ckpt.into_trainer(&gpu, config)?
+/// The flags a resumed run takes from its checkpoint; giving one is an error.
+fn fixed_on_resume(args: &LmArgs) -> Vec<&'static str> {
+    let given = [
+        ("--data", args.data.is_some()),
+        ("--size", args.size.is_some()),
+        ("--batch", args.batch.is_some()),
+        ("--micro-batch", args.micro_batch.is_some()),
+        ("--seq-len", args.seq_len.is_some()),
+        ("--lr", args.lr.is_some()),
+        ("--min-lr", args.min_lr.is_some()),
+        ("--warmup", args.warmup.is_some()),
+        ("--weight-decay", args.weight_decay.is_some()),
+        ("--clip", args.clip.is_some()),
+        ("--seed", args.seed.is_some()),
+        ("--eval-every", args.eval_every.is_some()),
+        ("--eval-batches", args.eval_batches.is_some()),
+    ];
+    given.iter().filter(|g| g.1).map(|g| g.0).collect()
+}
+
+/// The numbered checkpoints of a run folder, oldest first.
+fn step_dirs(out: &Path) -> Vec<(u64, PathBuf)> {
+    let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(out)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n = name.strip_prefix("step-")?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    steps.sort();
+    steps
+}
+
+/// Prepares the output folder: creates it, checks that it can be written, removes temporary
+/// folders an interrupted save left, and refuses to mix two runs' checkpoints.
+fn prepare_out(out: &Path, resumed_at: Option<u64>) -> Result<()> {
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("creating the output folder {}", out.display()))?;
+    tempfile::NamedTempFile::new_in(out).with_context(|| {
+        format!(
+            "the output folder {} cannot be written; choose another --out",
+            out.display()
+        )
+    })?;
+    for entry in std::fs::read_dir(out)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".step-") && name.contains(".tmp-") {
+            note(format!(
+                "removing {}, left by an interrupted save",
+                entry.path().display()
+            ));
+            let _ = std::fs::remove_dir_all(entry.path());
         }
-        None => {
-            let lm = LmConfig::preset(&args.size, args.seq_len)?;
-            let config = TrainConfig {
-                steps: args.steps,
-                batch: args.batch,
-                micro_batch: args.micro_batch.unwrap_or(args.batch),
-                lr: args.lr,
-                min_lr: args.min_lr,
-                warmup: args.warmup,
-                weight_decay: args.weight_decay,
-                clip: args.clip,
-                seed: args.seed,
-                eval_every: args.eval_every,
-                eval_batches: args.eval_batches,
-                ..TrainConfig::default()
-            };
-            let model = LmModel::init(&gpu, lm, args.seed)?;
-            Trainer::new(&gpu, model, config)?
+    }
+    let steps = step_dirs(out);
+    match resumed_at {
+        None if !steps.is_empty() => bail!(
+            "{} already holds a run's checkpoints; continue it with --resume {}, or choose \
+             another --out",
+            out.display(),
+            out.display()
+        ),
+        Some(at) => {
+            let later: Vec<String> = steps
+                .iter()
+                .filter(|(n, _)| *n > at)
+                .map(|(_, p)| p.display().to_string())
+                .collect();
+            if !later.is_empty() {
+                bail!(
+                    "{} holds checkpoints newer than step {at} ({}); resuming there would mix two \
+                     runs: remove them, or pass another --out",
+                    out.display(),
+                    later.join(", ")
+                );
+            }
         }
+        None => {}
+    }
+    Ok(())
+}
+
+/// A new run's trainer from the flags, or a resumed one from its checkpoint; with the output
+/// folder and the training text.
+fn setup(args: &LmArgs) -> Result<(Trainer, Arc<Gpu>, PathBuf, String)> {
+    let Some(from) = &args.resume else {
+        let d = TrainConfig::default();
+        let data = args.data.clone().unwrap_or_else(|| d.data.clone());
+        let lm = LmConfig::preset(
+            args.size.as_deref().unwrap_or("1m"),
+            args.seq_len.unwrap_or(128),
+        )?;
+        let batch = args.batch.unwrap_or(d.batch);
+        let config = TrainConfig {
+            steps: args.steps.unwrap_or(d.steps),
+            batch,
+            micro_batch: args.micro_batch.unwrap_or(batch),
+            lr: args.lr.unwrap_or(d.lr),
+            min_lr: args.min_lr.unwrap_or(d.min_lr),
+            warmup: args.warmup.unwrap_or(d.warmup),
+            weight_decay: args.weight_decay.unwrap_or(d.weight_decay),
+            clip: args.clip.unwrap_or(d.clip),
+            seed: args.seed.unwrap_or(d.seed),
+            eval_every: args.eval_every.unwrap_or(d.eval_every),
+            eval_batches: args.eval_batches.unwrap_or(d.eval_batches),
+            data: data.clone(),
+            save_every: args.save_every.unwrap_or(d.save_every),
+            ..d
+        };
+        config.check()?;
+        check_size(&lm, &config)?;
+        let out = args.out.clone().unwrap_or_else(|| "runs/lm".into());
+        prepare_out(&out, None)?;
+        let gpu = open_gpu(&args.device)?;
+        let model = LmModel::init(&gpu, lm, config.seed)?;
+        return Ok((Trainer::new(&gpu, model, config)?, gpu, out, data));
     };
+    let fixed = fixed_on_resume(args);
+    if !fixed.is_empty() {
+        bail!(
+            "{} cannot change when resuming: a resumed run keeps its checkpoint's model, data \
+             and settings (only --steps, --save-every, --keep and --out may be given); start a \
+             new run with another --out instead",
+            fixed.join(", ")
+        );
+    }
+    let dir = train::latest_checkpoint(from).with_context(|| {
+        format!(
+            "--resume {}: no checkpoint there (a step-NNNNNN folder with trainer.json)",
+            from.display()
+        )
+    })?;
+    let ckpt = train::load_checkpoint(&dir)?;
+    let mut config = ckpt.train.clone();
+    if let Some(steps) = args.steps {
+        config.steps = steps;
+    }
+    if let Some(every) = args.save_every {
+        config.save_every = every;
+    }
+    if config.steps <= ckpt.step {
+        bail!(
+            "{} is at step {} of {}; pass --steps above {} to train further",
+            dir.display(),
+            ckpt.step,
+            config.steps,
+            ckpt.step
+        );
+    }
+    if config.data.is_empty() {
+        config.data = TrainConfig::default().data;
+    }
+    let data = config.data.clone();
+    let run = dir.parent().map(Path::to_path_buf).unwrap_or_default();
+    let out = args.out.clone().unwrap_or(run);
+    prepare_out(&out, Some(ckpt.step))?;
+    let gpu = open_gpu(&args.device)?;
+    note(format!("resuming {} at step {}", dir.display(), ckpt.step));
+    let trainer = ckpt
+        .into_trainer(&gpu, config)
+        .with_context(|| format!("resuming from {}", dir.display()))?;
+    Ok((trainer, gpu, out, data))
+}
+
+/// Tokens one submit may hold: beyond this a step's activations outgrow what a CPU device (or a
+/// small GPU) can hold, long before the binding limits say so.
+const MAX_SUBMIT_TOKENS: usize = 1 << 16;
+
+fn check_size(lm: &LmConfig, c: &TrainConfig) -> Result<()> {
+    let tokens = c.micro_batch * lm.ctx;
+    if tokens > MAX_SUBMIT_TOKENS {
+        bail!(
+            "--micro-batch {} x --seq-len {} is {tokens} tokens a submit, more than \
+             {MAX_SUBMIT_TOKENS}; pass a smaller --micro-batch (the step's gradient accumulates \
+             over micro-batches) or a shorter --seq-len",
+            c.micro_batch,
+            lm.ctx
+        );
+    }
+    Ok(())
+}
+
+/// Removes all but the newest `keep` checkpoints of a run (0 keeps all).
+fn prune(out: &Path, keep: usize) {
+    let steps = step_dirs(out);
+    if keep == 0 || steps.len() <= keep {
+        return;
+    }
+    for (_, path) in &steps[..steps.len() - keep] {
+        if let Err(e) = std::fs::remove_dir_all(path) {
+            note(format!(
+                "could not remove the old checkpoint {}: {e}",
+                path.display()
+            ));
+        }
+    }
+}
+
+fn lm(args: LmArgs) -> Result<()> {
+    let (mut trainer, gpu, out_dir, data) = setup(&args)?;
+    let corpus = corpus(&data)?;
     let seq = trainer.model.config.ctx;
-    corpus.check(seq, &format!("--data {}", args.data))?;
+    corpus.check(seq, &format!("--data {data}"))?;
     let c = trainer.config.clone();
     note(format!(
-        "training a {} model ({} parameters: dim {}, {} layers, {} heads, ffn {}) on {} bytes, \
-         validating on {}; {} steps of {} x {} bytes on {}",
-        args.size,
+        "training a model of {} parameters (dim {}, {} layers, {} heads, ffn {}) on {} bytes of \
+         {data}, validating on {}; {} steps of {} x {} bytes on {}",
         trainer.model.config.n_params(),
         trainer.model.config.dim,
         trainer.model.config.n_layers,
@@ -200,8 +377,6 @@ fn lm(args: LmArgs) -> Result<()> {
         seq,
         gpu.name()
     ));
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating the output folder {}", args.out.display()))?;
 
     let bar = ProgressBar::new(c.steps);
     bar.set_style(
@@ -212,6 +387,14 @@ fn lm(args: LmArgs) -> Result<()> {
         .progress_chars("=> "),
     );
     bar.set_position(trainer.step);
+    // A hidden bar (stderr is not a terminal) prints nothing: lines go to stderr directly.
+    let say = |line: String| {
+        if bar.is_hidden() {
+            note(line);
+        } else {
+            bar.println(line);
+        }
+    };
     let start = Instant::now();
     let mut last_saved = None;
     while trainer.step < c.steps {
@@ -223,7 +406,7 @@ fn lm(args: LmArgs) -> Result<()> {
             s.loss, tokens_per_s, s.lr
         ));
         if let Some(v) = s.val_loss {
-            let line = format!(
+            say(format!(
                 "step {:>5}: train loss {:.4}, held-out loss {:.4} nats/byte, grad norm {:.3}, \
                  {:.0} ms/step",
                 s.step,
@@ -231,19 +414,20 @@ fn lm(args: LmArgs) -> Result<()> {
                 v,
                 s.grad_norm,
                 s.seconds * 1e3
-            );
-            // A hidden bar (stderr is not a terminal) prints nothing, so the line goes to
-            // stderr directly.
-            if bar.is_hidden() {
-                note(line);
-            } else {
-                bar.println(line);
-            }
+            ));
+        } else if bar.is_hidden() && s.step.is_multiple_of(10) {
+            say(format!(
+                "step {:>5}: train loss {:.4}, {:.0} ms/step",
+                s.step,
+                s.loss,
+                s.seconds * 1e3
+            ));
         }
-        let save_now = (args.save_every > 0 && s.step % args.save_every == 0) || s.step == c.steps;
-        if save_now {
-            let dir = train::save_checkpoint(&gpu, &args.out, &trainer)?;
-            write_curve(&args.out, &trainer.history)?;
+        let every = c.save_every;
+        if (every > 0 && s.step.is_multiple_of(every)) || s.step == c.steps {
+            let dir = train::save_checkpoint(&gpu, &out_dir, &trainer)?;
+            write_curve(&out_dir, &trainer.history)?;
+            prune(&out_dir, args.keep);
             last_saved = Some(dir);
         }
     }
@@ -262,17 +446,21 @@ fn lm(args: LmArgs) -> Result<()> {
     ))?;
     if let Some(dir) = &last_saved {
         out(format!(
-            "checkpoint {} (run it: tessera generate -m {}); curve {}",
+            "checkpoint {} (run it: tessera generate -m {} -c {seq}); curve {}",
             dir.display(),
-            args.out.display(),
-            args.out.join("loss.svg").display()
+            out_dir.display(),
+            out_dir.join("loss.svg").display()
         ))?;
         if args.sample > 0 {
-            let text = sample(dir, &args.device, args.sample, args.seed)?;
-            out(format!(
-                "sample ({} bytes, temperature 0.8):\n{text}",
-                args.sample
-            ))?;
+            // The checkpoint is saved: a failure to sample is reported, not fatal.
+            match sample(dir, &args.device, args.sample, c.seed) {
+                Ok(text) => out(format!(
+                    "sample ({} bytes, temperature 0.8; raw bytes, so an undertrained model \
+                     may print invalid UTF-8):\n{text}",
+                    args.sample
+                ))?,
+                Err(e) => note(format!("could not sample from {}: {e:#}", dir.display())),
+            }
         }
     }
     Ok(())

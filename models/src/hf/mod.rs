@@ -105,7 +105,7 @@ pub enum HfError {
     #[error("tokenizer.json: {0}")]
     Tokenizer(String),
 
-    #[error("{0}")]
+    #[error(transparent)]
     Write(#[from] GgufWriteError),
 }
 

@@ -27,6 +27,9 @@ pub struct LmConfig {
     pub eps: f32,
 }
 
+/// The longest context (sequence length) a model may have.
+pub const MAX_CTX: usize = 8192;
+
 /// Named sizes: (name, dim, layers, heads, ffn).
 const PRESETS: &[(&str, usize, usize, usize, usize)] = &[
     ("tiny", 32, 2, 2, 96),
@@ -71,8 +74,17 @@ impl LmConfig {
     /// Fails on shapes the kernels cannot take.
     pub fn check(&self) -> Result<()> {
         let bad = |m: String| Err(TrainError::Config(m));
-        if self.dim == 0 || self.n_layers == 0 || self.ffn == 0 || self.ctx == 0 {
-            return bad(format!("a model size is zero: {self:?}"));
+        if !(2..=MAX_CTX).contains(&self.ctx) {
+            return bad(format!(
+                "a context (--seq-len) of {} bytes: it must be 2 to {MAX_CTX}",
+                self.ctx
+            ));
+        }
+        if self.dim == 0 || self.n_layers == 0 || self.ffn == 0 {
+            return bad(format!(
+                "a model size is zero: dim {}, {} layers, ffn {}",
+                self.dim, self.n_layers, self.ffn
+            ));
         }
         if self.n_heads == 0
             || !self.dim.is_multiple_of(self.n_heads)

@@ -21,10 +21,10 @@ pub use trainer::{StepStats, TrainConfig, Trainer};
 /// Why training cannot go on; each message names the problem and the way out.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    #[error("{0}")]
+    #[error(transparent)]
     Runtime(#[from] tessera_runtime::RuntimeError),
 
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         what: String,
         #[source]

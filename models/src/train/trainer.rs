@@ -32,6 +32,12 @@ pub struct TrainConfig {
     pub seed: u64,
     pub eval_every: u64,
     pub eval_batches: usize,
+    /// The training text as given (`--data`), so a resumed run reads the same one.
+    #[serde(default)]
+    pub data: String,
+    /// Save a checkpoint every N steps (0: after the last only).
+    #[serde(default)]
+    pub save_every: u64,
 }
 
 impl Default for TrainConfig {
@@ -51,6 +57,8 @@ impl Default for TrainConfig {
             seed: 42,
             eval_every: 100,
             eval_batches: 8,
+            data: "tinyshakespeare".into(),
+            save_every: 100,
         }
     }
 }
@@ -71,6 +79,12 @@ impl TrainConfig {
         }
         if self.eval_batches == 0 {
             return bad("--eval-batches must be at least 1");
+        }
+        if self.steps == 0 {
+            return bad("--steps must be at least 1");
+        }
+        if self.batch > 4096 {
+            return bad("--batch is at most 4096 sequences");
         }
         Ok(())
     }
@@ -169,9 +183,10 @@ impl Trainer {
                 norm = f32_of(&out[r.index()]);
             }
         }
-        if !loss.is_finite() {
+        if !loss.is_finite() || !norm.is_finite() {
             return Err(TrainError::Data(format!(
-                "the loss became {loss} at step {}; lower --lr or raise --warmup",
+                "training diverged at step {}: loss {loss}, gradient norm {norm}; nothing of \
+                 this step is saved; lower --lr or --weight-decay, or raise --warmup",
                 self.step
             )));
         }
@@ -186,7 +201,15 @@ impl Trainer {
         };
         let c = &self.config;
         if c.eval_every > 0 && (self.step.is_multiple_of(c.eval_every) || self.step == c.steps) {
-            stats.val_loss = Some(self.evaluate(gpu, corpus)?);
+            let val = self.evaluate(gpu, corpus)?;
+            if !val.is_finite() {
+                return Err(TrainError::Data(format!(
+                    "the held-out loss is {val} at step {}: the weights are no longer finite; \
+                     lower --lr or --weight-decay, or raise --warmup",
+                    self.step
+                )));
+            }
+            stats.val_loss = Some(val);
         }
         self.history.push(stats.clone());
         Ok(stats)
