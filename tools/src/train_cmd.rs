@@ -175,22 +175,6 @@ fn fixed_on_resume(args: &LmArgs) -> Vec<&'static str> {
     given.iter().filter(|g| g.1).map(|g| g.0).collect()
 }
 
-/// The numbered checkpoints of a run folder, oldest first.
-fn step_dirs(out: &Path) -> Vec<(u64, PathBuf)> {
-    let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(out)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let n = name.strip_prefix("step-")?.parse().ok()?;
-            Some((n, e.path()))
-        })
-        .collect();
-    steps.sort();
-    steps
-}
-
 /// Prepares the output folder: creates it, checks that it can be written, removes temporary
 /// folders an interrupted save left, and refuses to mix two runs' checkpoints.
 fn prepare_out(out: &Path, resumed_at: Option<u64>) -> Result<()> {
@@ -212,7 +196,7 @@ fn prepare_out(out: &Path, resumed_at: Option<u64>) -> Result<()> {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
-    let steps = step_dirs(out);
+    let steps = train::step_dirs(out);
     match resumed_at {
         None if !steps.is_empty() => bail!(
             "{} already holds a run's checkpoints; continue it with --resume {}, or choose \
@@ -342,7 +326,7 @@ fn check_size(lm: &LmConfig, c: &TrainConfig) -> Result<()> {
 
 /// Removes all but the newest `keep` checkpoints of a run (0 keeps all).
 fn prune(out: &Path, keep: usize) {
-    let steps = step_dirs(out);
+    let steps = train::step_dirs(out);
     if keep == 0 || steps.len() <= keep {
         return;
     }

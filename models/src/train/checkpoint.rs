@@ -220,26 +220,34 @@ fn reorder_rows(data: &[f32], k: usize, map: impl Fn(usize) -> usize, scatter: b
     out
 }
 
-/// The newest whole checkpoint under `path`: `path` itself when it is one, else its
-/// highest-numbered `step-*` folder.
-pub fn latest_checkpoint(path: &Path) -> Option<PathBuf> {
-    if path.join("trainer.json").is_file() {
-        return Some(path.to_path_buf());
-    }
-    let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(path)
-        .ok()?
+/// The numbered checkpoint folders (`step-NNNNNN`) of a run folder, oldest first, whole or
+/// not.
+pub fn step_dirs(run: &Path) -> Vec<(u64, PathBuf)> {
+    let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(run)
+        .into_iter()
+        .flatten()
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let n = name.strip_prefix("step-")?.parse().ok()?;
-            e.path()
-                .join("trainer.json")
-                .is_file()
-                .then(|| (n, e.path()))
+            Some((n, e.path()))
         })
         .collect();
     steps.sort();
-    steps.pop().map(|(_, p)| p)
+    steps
+}
+
+/// The newest whole checkpoint under `path`: `path` itself when it is one, else its
+/// highest-numbered `step-*` folder that holds a trainer.json.
+pub fn latest_checkpoint(path: &Path) -> Option<PathBuf> {
+    if path.join("trainer.json").is_file() {
+        return Some(path.to_path_buf());
+    }
+    step_dirs(path)
+        .into_iter()
+        .rev()
+        .map(|(_, p)| p)
+        .find(|p| p.join("trainer.json").is_file())
 }
 
 fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Vec<f32>>> {

@@ -13,7 +13,7 @@ pub mod data;
 pub mod lm;
 pub mod trainer;
 
-pub use checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint, Checkpoint};
+pub use checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint, step_dirs, Checkpoint};
 pub use data::Corpus;
 pub use lm::{LmConfig, LmModel};
 pub use trainer::{StepStats, TrainConfig, Trainer};
