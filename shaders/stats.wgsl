@@ -11,7 +11,9 @@
 // Cooperative layout (`gram`): a workgroup of T x T threads owns a 4T x 4T output tile, stages RT
 // rows of both column ranges in workgroup memory, and each thread accumulates a 4 x 4 block.
 // Lane-per-row layout (`gram_rows`): one invocation owns output row a and TB adjacent columns;
-// the column loads are the same for every invocation of a workgroup (broadcast).
+// the column loads are the same for every invocation of a workgroup (broadcast). Where the
+// layout allows, CPU devices instead transpose the rows' columns row0.. (`transpose_rows`:
+// out[i * m + r] = x[r, row0 + i]) and run the training gemm (`train_matmul_rows.wgsl`) on them.
 
 struct Params {
     m: u32,
@@ -172,6 +174,23 @@ fn gram_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var v = 0u; v < TB; v++) {
         if (b0 + v < p.k) {
             out[a * p.k + b0 + v] += acc[v];
+        }
+    }
+}
+
+// One invocation per row r of x writes TB of its columns, row0 + i for i in TB * gid.y.., as
+// elements r of the rows of the transpose.
+@compute @workgroup_size(64)
+fn transpose_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let r = gid.x;
+    if (r >= p.m) {
+        return;
+    }
+    let row = p.x_offset + r * p.stride + p.out_offset;
+    for (var v = 0u; v < TB; v++) {
+        let i = gid.y * TB + v;
+        if (i < p.rows) {
+            out[i * p.m + r] = x[row + i];
         }
     }
 }

@@ -349,6 +349,7 @@ impl Observer {
             for part in parts {
                 h.extend(gpu.read(&part.h)?);
             }
+            stats::mirror_upper(&mut h, site.width);
             site.gram = Some(h);
         }
         Ok(Observations { sites })

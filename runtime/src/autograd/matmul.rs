@@ -135,7 +135,7 @@ pub fn gemm(
 /// windows, B by vec4 loads. Returns `false`, recording nothing, where the operands' layout or
 /// the device's limits do not suit it.
 #[allow(clippy::too_many_arguments)]
-fn gemm_rows(
+pub(crate) fn gemm_rows(
     rec: &mut Recorder,
     s: GemmShape,
     alpha: f32,
