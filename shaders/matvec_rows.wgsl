@@ -1,5 +1,7 @@
 // y[n] = W[n, :] . x for one row of x (decoding) on CPU devices, whose SIMD lanes are
-// invocations: each invocation owns two rows of W, n and n + 64 of its workgroup's 128.
+// invocations: each invocation owns two rows of W, n and n + LANES of its workgroup's 2 LANES.
+// Workgroups are small, so that a matrix of a few hundred rows still splits evenly over the
+// device's threads (each runs whole workgroups).
 //
 // x is a uniform binding: a load of x is the same for every lane, which the device can serve
 // with one scalar load, and each serves both rows. Row indices past the part are clamped and
@@ -9,7 +11,12 @@
 // With SWIGLU = 1 the two rows of a lane are row n of the gate projection and row n of the up
 // projection, bound as two buffers read as one (`split` words of gate, then up; see the runtime's
 // `WEIGHT_ACCESS_SPLIT`), and the lane writes silu(gate) * up: the feed-forward's first half
-// in one dispatch. Its workgroups then cover 64 rows each.
+// in one dispatch. Its workgroups then cover LANES rows each.
+//
+// With ROPE = 1 (query and key projections) the two rows of a lane are the pair that rotary
+// position embedding rotates together, and the lane rotates them for position `pos` before it
+// stores them (GGML's layouts: adjacent pairs, or NeoX's halves; see `rope.wgsl`), which saves
+// the separate RoPE dispatch. Its workgroups cover LANES pairs each.
 
 struct Params {
     n: u32,          // rows in this part of W
@@ -23,6 +30,12 @@ struct Params {
     x_offset: u32,   // unused: x is bound from its first element
     m: u32,          // unused: 1
     split: u32,      // SWIGLU: words of the gate projection, where the up projection starts
+    // ROPE only:
+    head_dim: u32,
+    n_rot: u32,      // rotated dimensions of each head
+    neox: u32,       // 1: NeoX layout (i, i + n_rot / 2); 0: adjacent pairs (2i, 2i + 1)
+    pos: u32,        // position of the token
+    base: f32,       // frequency base
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -45,21 +58,36 @@ fn store(n: u32, value: f32) {
     }
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(LANES)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    var n0 = (wid.x + wid.y * nwg.x) * 128u + lid;
-    var n1 = n0 + 64u;
+    var n0 = (wid.x + wid.y * nwg.x) * 2u * LANES + lid;
+    var n1 = n0 + LANES;
     var row0 = min(n0, p.n - 1u) * p.row_bytes;
     var row1 = min(n1, p.n - 1u) * p.row_bytes;
     if (SWIGLU == 1u) {
-        n0 = (wid.x + wid.y * nwg.x) * 64u + lid;
+        n0 = (wid.x + wid.y * nwg.x) * LANES + lid;
         n1 = n0;
         row0 = min(n0, p.n - 1u) * p.row_bytes;
         row1 = 4u * p.split + row0;
+    }
+    // ROPE: pair i of a head; pairs past n_rot / 2 are adjacent and not rotated.
+    let pair = (wid.x + wid.y * nwg.x) * LANES + lid;
+    let half_head = p.head_dim / 2u;
+    let i = pair % half_head;
+    let rotated = i < p.n_rot / 2u;
+    if (ROPE == 1u) {
+        n0 = (pair / half_head) * p.head_dim + 2u * i;
+        n1 = n0 + 1u;
+        if (rotated && p.neox == 1u) {
+            n0 = (pair / half_head) * p.head_dim + i;
+            n1 = n0 + p.n_rot / 2u;
+        }
+        row0 = min(n0, p.n - 1u) * p.row_bytes;
+        row1 = min(n1, p.n - 1u) * p.row_bytes;
     }
     var acc0 = 0.0;
     var acc1 = 0.0;
@@ -88,6 +116,18 @@ fn main(
     }
     if (SWIGLU == 1u) {
         store(n0, acc0 / (1.0 + exp(-acc0)) * acc1);
+    } else if (ROPE == 1u) {
+        var out0 = acc0;
+        var out1 = acc1;
+        if (rotated) {
+            let theta = f32(p.pos) * pow(p.base, -2.0 * f32(i) / f32(p.n_rot));
+            let c = cos(theta);
+            let s = sin(theta);
+            out0 = acc0 * c - acc1 * s;
+            out1 = acc0 * s + acc1 * c;
+        }
+        store(n0, out0);
+        store(n1, out1);
     } else {
         store(n0, acc0);
         store(n1, acc1);

@@ -73,14 +73,11 @@ fn i8x4(q: u32) -> vec4<f32> {
     );
 }
 
-// Four unsigned bytes of a word, as f32.
+// Four unsigned bytes of a word, as f32. The bytes are converted as signed integers, which they
+// fit: CPU devices convert signed integers in one instruction and unsigned ones in several.
 fn u8x4(q: u32) -> vec4<f32> {
-    return vec4<f32>(
-        f32(q & 255u),
-        f32((q >> 8u) & 255u),
-        f32((q >> 16u) & 255u),
-        f32(q >> 24u),
-    );
+    let bytes = (vec4<u32>(q) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(255u);
+    return vec4<f32>(bitcast<vec4<i32>>(bytes));
 }
 
 // Four unsigned nibbles, taken from the low nibble of each byte of `q`.

@@ -14,11 +14,15 @@ use tessera::models::train::{self, Corpus, LmConfig, LmModel, TrainConfig, Train
 use tessera::runtime::autograd::Tape;
 use tessera::runtime::{Gpu, GpuOptions};
 
-/// A device of the test's own. Tests run on parallel threads, and the runtime's buffer pool
-/// may hand one thread a buffer that another thread's recorded, not yet submitted work still
-/// names; a write into it then races that work (noticed here, not fixed in the runtime).
+/// One device shared by the tests, which run on parallel threads: their tapes and sessions
+/// take buffers from one pool while others' recorded work is not yet submitted (a recorder
+/// holds what its work names, so none is handed out early).
 fn gpu() -> std::sync::Arc<Gpu> {
-    std::sync::Arc::new(Gpu::new(&GpuOptions::default()).expect("a GPU adapter (lavapipe)"))
+    static GPU: std::sync::OnceLock<std::sync::Arc<Gpu>> = std::sync::OnceLock::new();
+    GPU.get_or_init(|| {
+        std::sync::Arc::new(Gpu::new(&GpuOptions::default()).expect("a GPU adapter (lavapipe)"))
+    })
+    .clone()
 }
 
 fn tiny(ctx: usize) -> LmConfig {

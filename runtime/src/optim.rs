@@ -78,7 +78,7 @@ pub fn grad_norm(rec: &mut Recorder, params: &[&Param], max_norm: f32) -> Result
         rec.dispatch(
             &PipelineKey::new("optim", "sum_squares"),
             &[u(p.len()), u(first), 0],
-            &[p.grad.buffer(), partials.buffer()],
+            &[p.grad.bind(), partials.bind()],
             split_groups(gpu, u(chunks), 1),
         )?;
         first += chunks;
@@ -86,7 +86,7 @@ pub fn grad_norm(rec: &mut Recorder, params: &[&Param], max_norm: f32) -> Result
     rec.dispatch(
         &PipelineKey::new("optim", "clip_scale"),
         &[u(total), 0, max_norm.to_bits()],
-        &[partials.buffer(), norm.buffer(), scale.buffer()],
+        &[partials.bind(), norm.bind(), scale.bind()],
         [1, 1, 1],
     )?;
     Ok(GradNorm {
@@ -320,11 +320,11 @@ impl AdamW {
                 &PipelineKey::new("optim", "adamw"),
                 &words,
                 &[
-                    scale.buffer(),
-                    p.value.buffer(),
-                    p.grad.buffer(),
-                    m.buffer(),
-                    v.buffer(),
+                    scale.bind(),
+                    p.value.bind(),
+                    p.grad.bind(),
+                    m.bind(),
+                    v.bind(),
                 ],
                 split_groups(rec.gpu(), p.len().div_ceil(WG) as u32, 1),
             )?;
@@ -406,10 +406,10 @@ impl Sgd {
                 &PipelineKey::new("optim", "sgd"),
                 &words,
                 &[
-                    scale.buffer(),
-                    p.value.buffer(),
-                    p.grad.buffer(),
-                    slot.tensors[0].buffer(),
+                    scale.bind(),
+                    p.value.bind(),
+                    p.grad.bind(),
+                    slot.tensors[0].bind(),
                 ],
                 split_groups(rec.gpu(), p.len().div_ceil(WG) as u32, 1),
             )?;

@@ -10,13 +10,15 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::pipeline::PipelineKey;
-use crate::tensor::Tensor;
+use crate::tensor::{PooledBuffer, Tensor};
 
-/// A buffer bound to a kernel: all of it, or `size` bytes from `offset` (`range`).
+/// A buffer bound to a kernel: all of it, or `size` bytes from `offset` (`range`). A tensor's
+/// binding carries its pooled buffer, which the recorder holds until it submits.
 #[derive(Clone, Copy)]
 pub(crate) struct Binding<'a> {
     pub buffer: &'a wgpu::Buffer,
     pub range: Option<(u64, u64)>,
+    pub pooled: Option<&'a Arc<PooledBuffer>>,
 }
 
 impl<'a> From<&'a wgpu::Buffer> for Binding<'a> {
@@ -24,6 +26,27 @@ impl<'a> From<&'a wgpu::Buffer> for Binding<'a> {
         Binding {
             buffer,
             range: None,
+            pooled: None,
+        }
+    }
+}
+
+impl<'a> From<&'a Tensor> for Binding<'a> {
+    fn from(t: &'a Tensor) -> Self {
+        Binding {
+            buffer: &t.buf.buffer,
+            range: None,
+            pooled: Some(&t.buf),
+        }
+    }
+}
+
+impl<'a> Binding<'a> {
+    /// `size` bytes of `t` from byte `offset`.
+    pub fn range(t: &'a Tensor, offset: u64, size: u64) -> Self {
+        Binding {
+            range: Some((offset, size)),
+            ..t.into()
         }
     }
 }
@@ -60,11 +83,16 @@ impl ReadId {
 }
 
 /// A batch of GPU work, submitted at once.
+///
+/// The recorder holds every tensor its work names until it submits (or is dropped unsubmitted):
+/// a tensor its owner drops meanwhile cannot go back to the buffer pool, where another owner,
+/// on this thread or another, could take it and write it through the queue ahead of this work.
 pub struct Recorder<'g> {
     gpu: &'g Gpu,
     steps: Vec<Step>,
     arena: Vec<u8>,
     reads: Vec<(wgpu::Buffer, u64, u64)>,
+    held: Vec<Arc<PooledBuffer>>,
 }
 
 impl<'g> Recorder<'g> {
@@ -74,6 +102,7 @@ impl<'g> Recorder<'g> {
             steps: Vec::new(),
             arena: Vec::new(),
             reads: Vec::new(),
+            held: Vec::new(),
         }
     }
 
@@ -82,34 +111,13 @@ impl<'g> Recorder<'g> {
     }
 
     /// Records one dispatch of the pipeline `key`. Binding 0 is the uniform `params` (when not
-    /// empty), bindings 1.. are `buffers` in order.
+    /// empty), bindings 1.. are `buffers` in order: tensors (`x.into()`), weight buffers, or
+    /// ranges of either.
     pub(crate) fn dispatch(
         &mut self,
         key: &PipelineKey,
         params: &[u32],
-        buffers: &[&wgpu::Buffer],
-        groups: [u32; 3],
-    ) -> Result<()> {
-        let bindings = buffers.iter().map(|&b| Binding::from(b));
-        self.record_dispatch(key, params, bindings, groups)
-    }
-
-    /// As [`dispatch`](Self::dispatch), with bindings that may be ranges of their buffers.
-    pub(crate) fn dispatch_bound(
-        &mut self,
-        key: &PipelineKey,
-        params: &[u32],
         buffers: &[Binding],
-        groups: [u32; 3],
-    ) -> Result<()> {
-        self.record_dispatch(key, params, buffers.iter().copied(), groups)
-    }
-
-    fn record_dispatch<'b>(
-        &mut self,
-        key: &PipelineKey,
-        params: &[u32],
-        buffers: impl Iterator<Item = Binding<'b>>,
         groups: [u32; 3],
     ) -> Result<()> {
         if groups.contains(&0) {
@@ -131,7 +139,12 @@ impl<'g> Recorder<'g> {
             self.arena.resize(offset + size, 0);
             Some((offset as u64, size as u64))
         };
-        let buffers = buffers.map(|b| (b.buffer.clone(), b.range)).collect();
+        self.held
+            .extend(buffers.iter().filter_map(|b| b.pooled.cloned()));
+        let buffers = buffers
+            .iter()
+            .map(|b| (b.buffer.clone(), b.range))
+            .collect();
         self.steps.push(Step::Dispatch {
             pipeline,
             buffers,
@@ -150,6 +163,7 @@ impl<'g> Recorder<'g> {
         dst_elem: usize,
         len: usize,
     ) {
+        self.held.extend([src.buf.clone(), dst.buf.clone()]);
         self.steps.push(Step::Copy {
             src: src.buffer().clone(),
             src_offset: src_elem as u64 * 4,
@@ -161,6 +175,7 @@ impl<'g> Recorder<'g> {
 
     /// Records setting all of `t` to zero.
     pub fn clear(&mut self, t: &Tensor) {
+        self.held.push(t.buf.clone());
         self.steps.push(Step::Clear {
             buffer: t.buffer().clone(),
             size: t.len() as u64 * 4,
@@ -169,6 +184,7 @@ impl<'g> Recorder<'g> {
 
     /// Asks for `len` elements of `t` from element `offset` to be read back after the work.
     pub fn read(&mut self, t: &Tensor, offset: usize, len: usize) -> ReadId {
+        self.held.push(t.buf.clone());
         self.reads
             .push((t.buffer().clone(), offset as u64 * 4, len as u64 * 4));
         ReadId(self.reads.len() - 1)
@@ -297,5 +313,36 @@ pub(crate) fn split_groups(gpu: &Gpu, n: u32, z: u32) -> [u32; 3] {
     } else {
         let y = n.div_ceil(max);
         [n.div_ceil(y), y, z]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::{self, test_util};
+
+    /// A tensor its owner drops between recording and submit must not come back from the pool
+    /// to a queue write that lands ahead of the recorded work (a copy and a kernel read it).
+    #[test]
+    fn tensors_dropped_before_the_submit_are_not_reused_ahead_of_the_work() {
+        // A device of its own, so this test's pool sees no other test's buffers.
+        let gpu = test_util::open(None);
+        let n = 1000;
+        let first: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let copied = gpu.tensor(&[n]).unwrap();
+        let summed = gpu.tensor_from(&[n], &vec![0.5; n]).unwrap();
+        let mut rec = Recorder::new(&gpu);
+        for _ in 0..2 {
+            let x = gpu.tensor_from(&[n], &first).unwrap();
+            rec.copy(&x, 0, &copied, 0, n);
+            ops::elementwise::add(&mut rec, &summed, &x, n).unwrap();
+            drop(x);
+            // The same size as x: the pool's first candidate were x's buffer back in it.
+            drop(gpu.tensor_from(&[n], &vec![-1.0; n]).unwrap());
+        }
+        rec.submit().unwrap();
+        assert_eq!(gpu.read(&copied).unwrap(), first);
+        let want: Vec<f32> = first.iter().map(|v| 0.5 + 2.0 * v).collect();
+        assert_eq!(gpu.read(&summed).unwrap(), want);
     }
 }

@@ -250,9 +250,14 @@ mod tests {
                         d.extend([("TM", tm), ("XV", 96 * tm)]);
                         all.push(("linear_rows_ux", d));
                     }
-                    for swiglu in [0, 1] {
+                    for (swiglu, rope) in [(0, 0), (1, 0), (0, 1)] {
                         let mut d = defines.clone();
-                        d.extend([("XV", 96), ("SWIGLU", swiglu)]);
+                        d.extend([
+                            ("XV", 96),
+                            ("SWIGLU", swiglu),
+                            ("ROPE", rope),
+                            ("LANES", 16),
+                        ]);
                         all.push(("matvec_rows", d));
                     }
                     continue;

@@ -11,6 +11,7 @@ use half::f16;
 use crate::error::{Result, RuntimeError};
 use crate::gpu::Gpu;
 use crate::pool::{bucket, BufferPool};
+use crate::recorder::Binding;
 
 /// Element types the kernels can read, with GGML's type ids. Block layouts are GGML's
 /// (`ggml-common.h`): K-quants pack 256 elements in a super-block of 8 (Q4_K, Q5_K) or 16
@@ -364,6 +365,11 @@ impl Tensor {
 
     pub(crate) fn buffer(&self) -> &wgpu::Buffer {
         &self.buf.buffer
+    }
+
+    /// The whole tensor as a kernel binding (see `Recorder::dispatch`).
+    pub(crate) fn bind(&self) -> Binding<'_> {
+        self.into()
     }
 
     /// Returns the same storage seen with another shape of equal or smaller size.

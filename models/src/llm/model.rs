@@ -604,14 +604,22 @@ impl<'m> Session<'m> {
 
         for (l, layer) in m.layers.iter().enumerate() {
             let (kc, vc) = (&self.k_cache[l], &self.v_cache[l]);
-            // Attention: K and V are written straight into the cache, then rotated there.
+            // Attention: K and V are written straight into the cache, then rotated there (in the
+            // projection's kernel where the device has one).
             ops::rmsnorm(rec, &s.x, &layer.attn_norm, &s.xn, n, d, c.rms_eps)?;
             observe(rec, l, Site::AttnNorm, &s.xn)?;
-            ops::linear(rec, &layer.attn_q, &s.xn, n, &s.q, LinearOut::dense(dq))?;
-            ops::linear(rec, &layer.attn_k, &s.xn, n, kc, to_cache)?;
+            let (q_rope, k_rope) = (rope(c.n_head, 0, dq), rope(c.n_head_kv, pos0 * dkv, dkv));
+            ops::linear_rope(
+                rec,
+                &layer.attn_q,
+                &s.xn,
+                n,
+                &s.q,
+                LinearOut::dense(dq),
+                &q_rope,
+            )?;
+            ops::linear_rope(rec, &layer.attn_k, &s.xn, n, kc, to_cache, &k_rope)?;
             ops::linear(rec, &layer.attn_v, &s.xn, n, vc, to_cache)?;
-            ops::rope(rec, &s.q, &rope(c.n_head, 0, dq))?;
-            ops::rope(rec, kc, &rope(c.n_head_kv, pos0 * dkv, dkv))?;
             ops::attention(rec, &s.q, kc, vc, &s.attn, &attention)?;
             observe(rec, l, Site::Attention, &s.attn)?;
             ops::linear(rec, &layer.attn_output, &s.attn, n, &s.x, residual)?;

@@ -196,6 +196,8 @@ pub(crate) struct Pending {
     captures: Vec<Tensor>,
     stats_read: Option<ReadId>,
     capture_reads: Vec<ReadId>,
+    /// Room for the Gram kernels' transposed rows, shared by every site of the batch.
+    gram_scratch: Option<Tensor>,
 }
 
 impl Observer {
@@ -270,10 +272,18 @@ impl Observer {
                 captures.push(gpu.tensor(&[capture_rows, s.width])?);
             }
         }
+        // Only CPU devices' Gram kernels transpose.
+        let transposes = gpu.kernel_layout() == tessera_runtime::KernelLayout::LanePerRow;
+        let gram_rows = self.grams.iter().flatten().map(|p| p.rows).max();
+        let gram_rows = gram_rows.filter(|_| transposes);
+        let gram_scratch = gram_rows
+            .map(|rows| gpu.tensor(&[stats::gram_scratch_len(tokens, rows)]))
+            .transpose()?;
         Ok(Pending {
             tokens,
             capture_rows,
             captures,
+            gram_scratch,
             stats_read: None,
             capture_reads: Vec::new(),
         })
@@ -296,7 +306,8 @@ impl Observer {
             stats::channel_stats(rec, x, rows, t, self.stats_offsets[i])?;
         }
         for part in &self.grams[i] {
-            stats::gram(rec, x, rows, &part.h, part.row0, part.rows)?;
+            let scratch = pending.gram_scratch.as_ref();
+            stats::gram(rec, x, rows, &part.h, (part.row0, part.rows), scratch)?;
         }
         if let Some(dst) = pending.captures.get(i) {
             rec.copy(x, 0, dst, 0, pending.capture_rows * k);

@@ -122,13 +122,7 @@ impl<'g> Tape<'g> {
         let out = self.alloc(&shape)?;
         let lse = self.alloc(&[s.batch * s.heads * s.seq])?;
         let [qt, kt, vt] = [q, k, v].map(|x| self.value(x).clone());
-        let buffers = [
-            qt.buffer(),
-            kt.buffer(),
-            vt.buffer(),
-            out.buffer(),
-            lse.buffer(),
-        ];
+        let buffers = [qt.bind(), kt.bind(), vt.bind(), out.bind(), lse.bind()];
         let (key, params) = (s.key("forward"), s.params());
         self.rec.dispatch(&key, &params, &buffers, groups)?;
         let saved = out.clone();
@@ -168,14 +162,14 @@ impl Backward for AttentionBackward {
         let delta = g.alloc(&[s.batch * s.heads * s.seq])?;
         let params = s.params();
         let buffers = [
-            q.buffer(),
-            k.buffer(),
-            v.buffer(),
-            self.out.buffer(),
-            self.lse.buffer(),
-            d_out.buffer(),
-            delta.buffer(),
-            dq.buffer(),
+            q.bind(),
+            k.bind(),
+            v.bind(),
+            self.out.bind(),
+            self.lse.bind(),
+            d_out.bind(),
+            delta.bind(),
+            dq.bind(),
         ];
         let groups = s.groups(g.rec(), s.heads)?;
         g.rec()
@@ -192,14 +186,14 @@ impl Backward for AttentionBackward {
             None => g.alloc(v.shape())?,
         };
         let buffers = [
-            q.buffer(),
-            k.buffer(),
-            v.buffer(),
-            dk.buffer(),
-            self.lse.buffer(),
-            d_out.buffer(),
-            delta.buffer(),
-            dv.buffer(),
+            q.bind(),
+            k.bind(),
+            v.bind(),
+            dk.bind(),
+            self.lse.bind(),
+            d_out.bind(),
+            delta.bind(),
+            dv.bind(),
         ];
         let groups = s.groups(g.rec(), s.kv_heads)?;
         g.rec()

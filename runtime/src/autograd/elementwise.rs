@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::autograd::{Backward, Grads, Tape, Var};
 use crate::error::{Result, RuntimeError};
 use crate::pipeline::PipelineKey;
-use crate::recorder::{split_groups, Recorder};
+use crate::recorder::{split_groups, Binding, Recorder};
 use crate::tensor::Tensor;
 
 /// Operations of `train_elementwise.wgsl` (its OP define).
@@ -61,7 +61,7 @@ fn record(
         words.extend_from_slice(&v);
     }
     words.extend_from_slice(&[p.len as u32, p.s.to_bits()]);
-    let buffers: Vec<&wgpu::Buffer> = buffers.iter().map(|t| t.buffer()).collect();
+    let buffers: Vec<Binding> = buffers.iter().map(|t| t.bind()).collect();
     let groups = split_groups(rec.gpu(), (p.len as u32).div_ceil(256), 1);
     let key = PipelineKey::new("train_elementwise", entry)
         .define("OP", op)

@@ -25,7 +25,7 @@ fn record(
     rec.dispatch(
         &PipelineKey::new("train_embedding", entry),
         &params,
-        &buffers.map(|t| t.buffer()),
+        &buffers.map(|t| t.bind()),
         groups,
     )
 }

@@ -77,13 +77,13 @@ impl<'g> Tape<'g> {
         self.rec.dispatch(
             &key("rows"),
             &params,
-            &[x.buffer(), target_t.buffer(), stats.buffer()],
+            &[x.bind(), target_t.bind(), stats.bind()],
             groups,
         )?;
         self.rec.dispatch(
             &key("total"),
             &params,
-            &[stats.buffer(), loss.buffer()],
+            &[stats.bind(), loss.bind()],
             [1, 1, 1],
         )?;
         Ok(self.push(loss, &[logits], || CrossEntropyBackward {
@@ -108,11 +108,11 @@ impl Backward for CrossEntropyBackward {
         let groups = split_groups(g.rec().gpu(), n.div_ceil(256) as u32, 1);
         let params = [self.rows as u32, self.vocab as u32, self.scale.to_bits()];
         let buffers = [
-            x.buffer(),
-            self.targets.buffer(),
-            self.stats.buffer(),
-            d_loss.buffer(),
-            dx.buffer(),
+            x.bind(),
+            self.targets.bind(),
+            self.stats.bind(),
+            d_loss.bind(),
+            dx.bind(),
         ];
         let key = PipelineKey::new("train_loss", "backward").define("WG", self.wg);
         g.rec().dispatch(&key, &params, &buffers, groups)

@@ -126,7 +126,7 @@ pub fn gemm(
     rec.dispatch(
         &PipelineKey::new("train_matmul", "main"),
         &params,
-        &[a.t.buffer(), b.t.buffer(), c.buffer()],
+        &[a.t.bind(), b.t.bind(), c.bind()],
         groups,
     )
 }
@@ -230,15 +230,12 @@ pub(crate) fn gemm_rows(
                     .define("VARIANT", variant)
                     .define("AV", u(len / 4));
                 let bindings = [
-                    Binding {
-                        buffer: a.t.buffer(),
-                        range: Some((start as u64 * 4, len as u64 * 4)),
-                    },
-                    b.t.buffer().into(),
-                    c.buffer().into(),
+                    Binding::range(a.t, start as u64 * 4, len as u64 * 4),
+                    b.t.bind(),
+                    c.bind(),
                 ];
                 let groups = [u(cols.div_ceil(64)), u(rows.div_ceil(8)), 1];
-                rec.dispatch_bound(&key, &params, &bindings, groups)?;
+                rec.dispatch(&key, &params, &bindings, groups)?;
             }
         }
     }

@@ -91,9 +91,6 @@ pub struct Tape<'g> {
     rec: Recorder<'g>,
     nodes: Vec<Node>,
     grad_enabled: bool,
-    /// Every tensor the tape allocated, held until the submit: a buffer must not go back to the
-    /// pool (and to a later op of this tape) while recorded work may still use it.
-    keep: Vec<Tensor>,
 }
 
 impl<'g> Tape<'g> {
@@ -103,7 +100,6 @@ impl<'g> Tape<'g> {
             rec: Recorder::new(gpu),
             nodes: Vec::new(),
             grad_enabled: true,
-            keep: Vec::new(),
         }
     }
 
@@ -129,11 +125,10 @@ impl<'g> Tape<'g> {
         &mut self.rec
     }
 
-    /// A new tensor that lives until the submit; its contents are unspecified.
+    /// A new tensor; its contents are unspecified. The recorder holds what its work names until
+    /// the submit.
     pub fn alloc(&mut self, shape: &[usize]) -> Result<Tensor> {
-        let t = self.gpu().tensor(shape)?;
-        self.keep.push(t.clone());
-        Ok(t)
+        self.gpu().tensor(shape)
     }
 
     /// A new tensor cleared to zero (by a recorded clear, so it is ordered with the tape's
@@ -146,10 +141,10 @@ impl<'g> Tape<'g> {
 
     /// Uploads `data` as a tensor that needs no gradient (inputs, targets).
     pub fn upload(&mut self, shape: &[usize], data: &[f32]) -> Result<Var> {
-        // A fresh buffer can only come from the pool if its last owner was dropped, and the
-        // tape holds every tensor it recorded work on, so the write cannot race this tape.
+        // A fresh buffer can only come from the pool if its last owner was dropped, and every
+        // recorder holds the tensors its work names until it submits, so the write cannot race
+        // recorded work.
         let t = self.gpu().tensor_from(shape, data)?;
-        self.keep.push(t.clone());
         Ok(self.constant(t))
     }
 
@@ -214,7 +209,6 @@ impl<'g> Tape<'g> {
         op: impl FnOnce() -> B,
     ) -> Var {
         let requires_grad = self.grad_enabled && inputs.iter().any(|&v| self.requires_grad(v));
-        self.keep.push(value.clone());
         self.nodes.push(Node {
             value,
             requires_grad,
@@ -255,7 +249,6 @@ impl<'g> Tape<'g> {
         if !self.requires_grad(out) {
             return Ok(());
         }
-        self.keep.push(seed.clone());
         self.nodes[out.0].grad = Some(seed);
         for i in (0..=out.0).rev() {
             let Some(op) = self.nodes[i].op.take() else {
@@ -277,10 +270,7 @@ impl<'g> Tape<'g> {
 
     /// Submits everything recorded; returns the reads' bytes (see [`Recorder::submit`]).
     pub fn submit(self) -> Result<Vec<Vec<u8>>> {
-        let Tape { rec, keep, .. } = self;
-        let out = rec.submit();
-        drop(keep);
-        out
+        self.rec.submit()
     }
 }
 

@@ -11,7 +11,7 @@ use crate::error::{Result, RuntimeError};
 use crate::gpu::{Gpu, KernelLayout};
 use crate::ops::pow2_floor;
 use crate::pipeline::PipelineKey;
-use crate::recorder::{split_groups, Recorder};
+use crate::recorder::{split_groups, Binding, Recorder};
 use crate::tensor::Tensor;
 
 /// Threads per workgroup of the row entries, at most.
@@ -55,7 +55,7 @@ impl Rows {
     fn record_rows(&self, rec: &mut Recorder, entry: &'static str, bufs: &[&Tensor]) -> Result<()> {
         let (key, rows_per_group) = self.key(rec.gpu(), entry);
         let groups = split_groups(rec.gpu(), (self.rows as u32).div_ceil(rows_per_group), 1);
-        let bufs: Vec<&wgpu::Buffer> = bufs.iter().map(|t| t.buffer()).collect();
+        let bufs: Vec<Binding> = bufs.iter().map(|t| t.bind()).collect();
         rec.dispatch(&key, &self.params(), &bufs, groups)
     }
 }
@@ -102,7 +102,7 @@ impl Backward for NormBackward {
         };
         let groups = split_groups(g.rec().gpu(), (s.d as u32).div_ceil(64), 1);
         let (key, _) = s.key(g.rec().gpu(), "norm_grad_wb");
-        let bufs = [&dw_out, &x, &self.stats, &db_out, dy].map(|t| t.buffer());
+        let bufs = [&dw_out, &x, &self.stats, &db_out, dy].map(|t| t.bind());
         g.rec().dispatch(&key, &s.params(), &bufs, groups)?;
         match db_later {
             Some(db) => add_into(g.rec(), &db, &db_out),

@@ -39,7 +39,7 @@ fn record_sum(
             let chunk = len.div_ceil(chunks) as u32;
             let params = [len as u32, chunk, s.to_bits(), 0];
             let groups = [chunks as u32, 1, 1];
-            rec.dispatch(&key, &params, &[dst.buffer(), src.buffer()], groups)
+            rec.dispatch(&key, &params, &[dst.bind(), src.bind()], groups)
         };
     match partials {
         Some(partials) => {
@@ -67,7 +67,7 @@ impl Backward for SumBackward {
         // WG sizes `sum`'s workgroup memory only; this entry runs workgroups of 256.
         let key = PipelineKey::new("train_reduce", "sum_grad").define("WG", 1);
         g.rec()
-            .dispatch(&key, &params, &[dx.buffer(), dy.buffer()], groups)
+            .dispatch(&key, &params, &[dx.bind(), dy.bind()], groups)
     }
 }
 

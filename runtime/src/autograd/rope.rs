@@ -37,7 +37,7 @@ fn record(
     rec.dispatch(
         &PipelineKey::new("train_rope", "main"),
         &params,
-        &[pos.buffer(), src.buffer(), dst.buffer()],
+        &[pos.bind(), src.bind(), dst.bind()],
         groups,
     )
 }

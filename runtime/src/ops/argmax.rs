@@ -28,7 +28,7 @@ pub fn argmax(
     rec.dispatch(
         &key,
         &[k as u32, offset as u32],
-        &[x.buffer(), out.buffer()],
+        &[x.bind(), out.bind()],
         [rows as u32, 1, 1],
     )
 }

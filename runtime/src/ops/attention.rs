@@ -59,7 +59,7 @@ pub fn attention(
         p.scale.to_bits(),
         p.tokens as u32,
     ];
-    let buffers = [q.buffer(), k.buffer(), v.buffer(), out.buffer()];
+    let buffers = [q.bind(), k.bind(), v.bind(), out.bind()];
     // A query per lane pays off once there are enough queries to fill the SIMD lanes.
     if rec.gpu().kernel_layout() == KernelLayout::LanePerRow && p.tokens >= 16 {
         let key = PipelineKey::new("attention_rows", "main").define("HD", p.head_dim as u32);

@@ -19,7 +19,7 @@ fn record(
     rec.dispatch(
         &PipelineKey::new("elementwise", entry),
         &[len as u32],
-        &[a.buffer(), b.buffer()],
+        &[a.bind(), b.bind()],
         groups,
     )
 }
@@ -42,7 +42,7 @@ pub fn fill(rec: &mut Recorder, a: &Tensor, value: f32, len: usize) -> Result<()
     rec.dispatch(
         &PipelineKey::new("elementwise", "fill"),
         &[len as u32, value.to_bits()],
-        &[a.buffer()],
+        &[a.bind()],
         groups,
     )
 }

@@ -36,7 +36,7 @@ pub fn embedding(
         rec.dispatch(
             &key,
             &params,
-            &[&part.buffer, ids.buffer(), out.buffer()],
+            &[(&part.buffer).into(), ids.bind(), out.bind()],
             [groups, n as u32, 1],
         )?;
     }

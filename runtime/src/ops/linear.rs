@@ -5,6 +5,7 @@
 use crate::error::{Result, RuntimeError};
 use crate::gpu::{Gpu, KernelLayout};
 use crate::ops::check_len;
+use crate::ops::rope::{RopeLayout, RopeParams};
 use crate::pipeline::PipelineKey;
 use crate::recorder::{split_groups, Binding, Recorder};
 use crate::tensor::{dequantize_row, Tensor, Weight, WeightPart};
@@ -80,7 +81,7 @@ pub fn linear(
                 .define("BLOCK_BYTES", w.dtype.wgsl_block_bytes())
         };
         let mut params = kernel_params(part, k, row_bytes, out);
-        let buffers = [(&part.buffer).into(), x.buffer().into(), y.buffer().into()];
+        let buffers = [(&part.buffer).into(), x.bind(), y.bind()];
         let rows_layout = rec.gpu().kernel_layout() == KernelLayout::LanePerRow
             && k.is_multiple_of(4)
             && out.x_offset.is_multiple_of(4);
@@ -94,15 +95,20 @@ pub fn linear(
                 .define("ROWS", rows)
                 .define("SUBGROUP", subgroup as u32);
             let groups = split_groups(rec.gpu(), (part.rows as u32).div_ceil(rows), m as u32);
-            rec.dispatch_bound(&key, &params, &buffers, groups)?;
+            rec.dispatch(&key, &params, &buffers, groups)?;
         } else {
             params.push(m as u32);
             let groups = [(part.rows as u32).div_ceil(32), (m as u32).div_ceil(32), 1];
-            rec.dispatch_bound(&defines("matmul"), &params, &buffers, groups)?;
+            rec.dispatch(&defines("matmul"), &params, &buffers, groups)?;
         }
     }
     Ok(())
 }
+
+/// Invocations of a `matvec_rows` workgroup, each owning two rows of W. A workgroup runs on one
+/// of the device's threads, so a matrix of 192 or 576 rows must split into many of them to keep
+/// every thread busy.
+const MATVEC_LANES: u32 = 16;
 
 /// The `Params` words the linear kernels share (see `linear_rows.wgsl`), before `m`.
 fn kernel_params(part: &WeightPart, k: usize, row_bytes: u32, out: LinearOut) -> Vec<u32> {
@@ -161,15 +167,7 @@ fn linear_rows(
     match uniform_x(rec, x, out.x_offset, m.min(window.max(1)) * k) {
         // Two rows of W a lane share each load of x: faster for 32-element blocks (lavapipe,
         // Q4_1 1536x576: 0.7 -> 0.45 ms), no faster for K-quants.
-        Some(x_range) if m == 1 && w.dtype.block_size() != 256 => {
-            let key = defines("matvec_rows")
-                .define("XV", (k / 4) as u32)
-                .define("SWIGLU", 0);
-            let groups = split_groups(gpu, (part.rows as u32).div_ceil(128), 1);
-            let bindings = [(&part.buffer).into(), x_range, y.buffer().into()];
-            params.push(0);
-            rec.dispatch_bound(&key, &params, &bindings, groups)
-        }
+        Some(_) if m == 1 && matvec_part(rec, w, part, x, y, out, Fusion::default())? => Ok(()),
         Some(_) if windows => {
             for start in (0..m).step_by(window) {
                 let rows = window.min(m - start);
@@ -180,13 +178,13 @@ fn linear_rows(
                 // The kernel indexes x from the start of the bound range.
                 params[8] = 0;
                 params[9] = rows as u32;
-                let bindings = [(&part.buffer).into(), x_range, y.buffer().into()];
-                rec.dispatch_bound(&key, &params, &bindings, groups(rows))?;
+                let bindings = [(&part.buffer).into(), x_range, y.bind()];
+                rec.dispatch(&key, &params, &bindings, groups(rows))?;
             }
             Ok(())
         }
         _ => {
-            let buffers = [&part.buffer, x.buffer(), y.buffer()];
+            let buffers = [(&part.buffer).into(), x.bind(), y.bind()];
             rec.dispatch(&defines("linear_rows"), &params, &buffers, groups(m))
         }
     }
@@ -213,10 +211,18 @@ pub fn gate_up_swiglu(
     crate::ops::swiglu(rec, out, up_out, m * n)
 }
 
+/// What a decode mat-vec on CPU devices ([`matvec_fused`]) does besides `x W^T`.
+#[derive(Clone, Copy, Default)]
+pub struct Fusion<'a> {
+    /// SwiGLU with this up projection: `y = silu(x W^T) * (x up^T)` (W is the gate).
+    pub up: Option<&'a Weight>,
+    /// Rotary position embedding of the result (one token).
+    pub rope: Option<&'a RopeParams>,
+}
+
 /// Records `y = silu(x gate^T) * (x up^T)` for one row of x (decoding), in one dispatch, where
-/// the device and the weights allow it: the lane-per-row layout, x bindable as uniform, gate
-/// and up of one 32-element block type, each in one part. Returns `false` (recording nothing)
-/// otherwise; the caller then runs the two projections and [`swiglu`](crate::ops::swiglu).
+/// [`matvec_fused`] can take it. Returns `false` (recording nothing) otherwise; the caller then
+/// runs the two projections and [`swiglu`](crate::ops::swiglu).
 pub fn linear_swiglu(
     rec: &mut Recorder,
     gate: &Weight,
@@ -224,36 +230,128 @@ pub fn linear_swiglu(
     x: &Tensor,
     y: &Tensor,
 ) -> Result<bool> {
-    let (n, k) = (gate.rows, gate.cols);
-    let row_bytes = gate.dtype.row_bytes(k)?;
-    let fits = rec.gpu().kernel_layout() == KernelLayout::LanePerRow
-        && (up.dtype, up.rows, up.cols) == (gate.dtype, n, k)
-        && gate.dtype.block_size() != 256
-        && gate.parts.len() == 1
-        && up.parts.len() == 1
+    let fusion = Fusion {
+        up: Some(up),
+        ..Fusion::default()
+    };
+    matvec_fused(rec, gate, x, y, LinearOut::dense(gate.rows), fusion)
+}
+
+/// Records `y = x W^T` for the `m` rows of x, then rotary position embedding on y (`rope`
+/// describes y's heads, layout and positions): one fused dispatch where [`matvec_fused`] can
+/// take it (one row, on CPU devices), else [`linear`] and [`rope`](crate::ops::rope).
+pub fn linear_rope(
+    rec: &mut Recorder,
+    w: &Weight,
+    x: &Tensor,
+    m: usize,
+    y: &Tensor,
+    out: LinearOut,
+    rope: &RopeParams,
+) -> Result<()> {
+    let fusion = Fusion {
+        rope: Some(rope),
+        ..Fusion::default()
+    };
+    if m == 1 && matvec_fused(rec, w, x, y, out, fusion)? {
+        return Ok(());
+    }
+    linear(rec, w, x, m, y, out)?;
+    crate::ops::rope(rec, y, rope)
+}
+
+/// Records `y = x W^T` for one row of x (decoding) with what `fusion` adds, in one dispatch of
+/// `matvec_rows.wgsl`, where the device and the weights allow it: the lane-per-row layout, x
+/// bindable as uniform, W (and the up projection, of W's type and shape) of a 32-element block
+/// type in one part; for RoPE, `heads * head_dim` rows and one token; for SwiGLU and RoPE, no
+/// accumulation. Returns `false`, recording nothing, otherwise.
+pub fn matvec_fused(
+    rec: &mut Recorder,
+    w: &Weight,
+    x: &Tensor,
+    y: &Tensor,
+    out: LinearOut,
+    fusion: Fusion,
+) -> Result<bool> {
+    if w.parts.len() != 1 {
+        return Ok(false);
+    }
+    matvec_part(rec, w, &w.parts[0], x, y, out, fusion)
+}
+
+/// [`matvec_fused`] on one part of W (SwiGLU and RoPE need W whole).
+fn matvec_part(
+    rec: &mut Recorder,
+    w: &Weight,
+    part: &WeightPart,
+    x: &Tensor,
+    y: &Tensor,
+    out: LinearOut,
+    fusion: Fusion,
+) -> Result<bool> {
+    let (n, k) = (part.rows, w.cols);
+    let row_bytes = w.dtype.row_bytes(k)?;
+    let whole = w.parts.len() == 1;
+    let mut fits = rec.gpu().kernel_layout() == KernelLayout::LanePerRow
+        && w.dtype.block_size() != 256
         && k.is_multiple_of(4)
-        && (n * row_bytes).is_multiple_of(4);
-    let x_range = match uniform_x(rec, x, 0, k) {
+        && (whole || (fusion.up.is_none() && fusion.rope.is_none()));
+    if let Some(up) = fusion.up {
+        fits &= (up.dtype, up.rows, up.cols, up.parts.len()) == (w.dtype, n, k, 1)
+            && (n * row_bytes).is_multiple_of(4)
+            && !out.accumulate
+            && fusion.rope.is_none();
+    }
+    if let Some(r) = fusion.rope {
+        fits &= r.tokens == 1
+            && r.head_dim.is_multiple_of(2)
+            && r.n_rot.is_multiple_of(2)
+            && r.n_rot > 0
+            && r.n_rot <= r.head_dim
+            && n == r.heads * r.head_dim
+            && !out.accumulate;
+    }
+    let x_range = match uniform_x(rec, x, out.x_offset, k) {
         Some(range) if fits => range,
         _ => return Ok(false),
     };
-    check_len("linear_swiglu output", y, n)?;
+    check_len(
+        "a fused mat-vec's output",
+        y,
+        out.offset + part.row_start + n,
+    )?;
     let key = PipelineKey::new("matvec_rows", "main")
-        .define("WTYPE", gate.dtype.ggml_id())
-        .define("BLOCK_BYTES", gate.dtype.wgsl_block_bytes())
+        .define("WTYPE", w.dtype.ggml_id())
+        .define("BLOCK_BYTES", w.dtype.wgsl_block_bytes())
         .define("XV", (k / 4) as u32)
-        .define("SWIGLU", 1);
-    let mut params = kernel_params(&gate.parts[0], k, row_bytes as u32, LinearOut::dense(n));
-    // One row of x; the up projection's words start where the gate's end.
-    params.extend([1, (n * row_bytes / 4) as u32]);
-    let groups = split_groups(rec.gpu(), (n as u32).div_ceil(64), 1);
-    let bindings = [
-        (&gate.parts[0].buffer).into(),
-        x_range,
-        y.buffer().into(),
-        (&up.parts[0].buffer).into(),
-    ];
-    rec.dispatch_bound(&key, &params, &bindings, groups)?;
+        .define("SWIGLU", fusion.up.is_some() as u32)
+        .define("ROPE", fusion.rope.is_some() as u32)
+        .define("LANES", MATVEC_LANES);
+    let mut params = kernel_params(part, k, row_bytes as u32, out);
+    // One row of x; SwiGLU's up projection starts where the gate's words end.
+    params.extend([1, fusion.up.map_or(0, |_| (n * row_bytes / 4) as u32)]);
+    params.extend(match fusion.rope {
+        Some(r) => [
+            r.head_dim as u32,
+            r.n_rot as u32,
+            (r.layout == RopeLayout::Neox) as u32,
+            r.pos0 as u32,
+            r.base.to_bits(),
+        ],
+        None => [0; 5],
+    });
+    // Lanes own two rows of W, or a gate row and its up row, or a rotated pair.
+    let lanes = match (fusion.up, fusion.rope) {
+        (Some(_), _) => n as u32,
+        (None, Some(_)) => (n / 2) as u32,
+        (None, None) => (n as u32).div_ceil(2),
+    };
+    let groups = split_groups(rec.gpu(), lanes.div_ceil(MATVEC_LANES), 1);
+    let mut bindings = vec![(&part.buffer).into(), x_range, y.bind()];
+    if let Some(up) = fusion.up {
+        bindings.push((&up.parts[0].buffer).into());
+    }
+    rec.dispatch(&key, &params, &bindings, groups)?;
     Ok(true)
 }
 
@@ -266,10 +364,7 @@ fn uniform_x<'a>(rec: &Recorder, x: &'a Tensor, offset: usize, len: usize) -> Op
         && start.is_multiple_of(limits.min_uniform_buffer_offset_alignment as u64)
         && size > 0
         && size <= limits.max_uniform_buffer_binding_size;
-    usable.then_some(Binding {
-        buffer: x.buffer(),
-        range: Some((start, size)),
-    })
+    usable.then_some(Binding::range(x, start, size))
 }
 
 /// CPU reference: `x [m, k]` times the dequantised weight's transpose, accumulated in f64.
@@ -374,9 +469,19 @@ mod tests {
         }
     }
 
+    /// A Q4_K weight `[4, 256]`, an input and an output: a mat-vec the fused kernels leave to
+    /// their callers.
+    fn k_quant_matvec(gpu: &Gpu) -> (Weight, Tensor, Tensor) {
+        let bytes = random_weight(DType::Q4_K, 4, 256, 4);
+        let q = gpu.upload_weight("q", DType::Q4_K, 4, 256, &bytes).unwrap();
+        let x = gpu.tensor_from(&[256], &random_f32(256, 5)).unwrap();
+        (q, x, gpu.tensor(&[4]).unwrap())
+    }
+
     #[test]
     fn fused_gate_up_swiglu_matches_the_unfused_kernels() {
-        let gpu = gpu();
+        // The fused kernel is the lane-per-row layout's.
+        let gpu = gpus()[1];
         for (dtype, n, k) in [
             (DType::Q4_1, 67, 96),
             (DType::Q8_0, 130, 64),
@@ -403,18 +508,81 @@ mod tests {
             assert!(err < 1e-5, "{dtype:?} {n}x{k}: fused differs by {err}");
         }
         // K-quants and a mismatch of types are left to the caller.
-        let q = gpu
-            .upload_weight(
-                "q",
-                DType::Q4_K,
-                4,
-                256,
-                &random_weight(DType::Q4_K, 4, 256, 4),
-            )
-            .unwrap();
-        let x = gpu.tensor_from(&[256], &random_f32(256, 5)).unwrap();
-        let y = gpu.tensor(&[4]).unwrap();
+        let (q, x, y) = k_quant_matvec(gpu);
         assert!(!linear_swiglu(&mut Recorder::new(gpu), &q, &q, &x, &y).unwrap());
+    }
+
+    #[test]
+    fn fused_linear_rope_matches_linear_then_rope() {
+        // The fused kernel is the lane-per-row layout's.
+        let gpu = gpus()[1];
+        for (dtype, heads, head_dim, n_rot, layout, k) in [
+            (DType::Q4_1, 3, 8, 8, RopeLayout::Normal, 96),
+            (DType::Q8_0, 2, 12, 8, RopeLayout::Neox, 64),
+            (DType::Q4_0, 1, 64, 64, RopeLayout::Neox, 32),
+            (DType::F32, 5, 6, 4, RopeLayout::Normal, 12),
+        ] {
+            let n = heads * head_dim;
+            let w_bytes = random_weight(dtype, n, k, 6);
+            let w = gpu.upload_weight("w", dtype, n, k, &w_bytes).unwrap();
+            let x = gpu.tensor_from(&[k], &random_f32(k, 7)).unwrap();
+            // Written two rows in, as into a key cache at position 2.
+            let out = LinearOut {
+                x_offset: 0,
+                offset: 2 * n,
+                stride: n,
+                accumulate: false,
+            };
+            let rope = RopeParams {
+                heads,
+                head_dim,
+                n_rot,
+                layout,
+                base: 10000.0,
+                pos0: 37,
+                tokens: 1,
+                offset: 2 * n,
+                stride: n,
+            };
+            let (want, got) = (gpu.tensor(&[3 * n]).unwrap(), gpu.tensor(&[3 * n]).unwrap());
+            let mut rec = Recorder::new(gpu);
+            crate::ops::fill(&mut rec, &got, 0.5, 3 * n).unwrap();
+            let fusion = Fusion {
+                rope: Some(&rope),
+                ..Fusion::default()
+            };
+            assert!(matvec_fused(&mut rec, &w, &x, &got, out, fusion).unwrap());
+            linear(&mut rec, &w, &x, 1, &want, out).unwrap();
+            crate::ops::rope(&mut rec, &want, &rope).unwrap();
+            rec.submit().unwrap();
+            let (want, got) = (gpu.read(&want).unwrap(), gpu.read(&got).unwrap());
+            assert!(
+                got[..2 * n].iter().all(|&v| v == 0.5),
+                "rows before the offset kept"
+            );
+            let err = max_rel_err(&got[2 * n..], &want[2 * n..]);
+            assert!(err < 1e-5, "{dtype:?} {layout:?}: fused differs by {err}");
+        }
+        // K-quants, several tokens and accumulation are left to `linear_rope`'s fallback.
+        let (q, x, y) = k_quant_matvec(gpu);
+        let rope = RopeParams {
+            heads: 1,
+            head_dim: 4,
+            n_rot: 4,
+            layout: RopeLayout::Normal,
+            base: 10000.0,
+            pos0: 0,
+            tokens: 1,
+            offset: 0,
+            stride: 4,
+        };
+        let mut rec = Recorder::new(gpu);
+        let fusion = Fusion {
+            rope: Some(&rope),
+            ..Fusion::default()
+        };
+        assert!(!matvec_fused(&mut rec, &q, &x, &y, LinearOut::dense(4), fusion).unwrap());
+        assert_eq!(rec.dispatch_count(), 0);
     }
 
     #[test]

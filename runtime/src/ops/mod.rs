@@ -18,7 +18,9 @@ pub use argmax::argmax;
 pub use attention::{attention, AttentionParams};
 pub use elementwise::{add, fill, swiglu};
 pub use embedding::embedding;
-pub use linear::{gate_up_swiglu, linear, linear_swiglu, LinearOut};
+pub use linear::{
+    gate_up_swiglu, linear, linear_rope, linear_swiglu, matvec_fused, Fusion, LinearOut,
+};
 pub use rmsnorm::rmsnorm;
 pub use rope::{rope, RopeLayout, RopeParams};
 pub use softmax::softmax;

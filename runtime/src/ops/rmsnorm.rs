@@ -30,7 +30,7 @@ pub fn rmsnorm(
     rec.dispatch(
         &key,
         &[k as u32, eps.to_bits()],
-        &[x.buffer(), w.buffer(), y.buffer()],
+        &[x.bind(), w.bind(), y.bind()],
         [rows as u32, 1, 1],
     )
 }

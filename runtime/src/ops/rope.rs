@@ -61,7 +61,7 @@ pub fn rope(rec: &mut Recorder, x: &Tensor, p: &RopeParams) -> Result<()> {
     rec.dispatch(
         &PipelineKey::new("rope", "main"),
         &params,
-        &[x.buffer()],
+        &[x.bind()],
         [groups, p.tokens as u32, 1],
     )
 }

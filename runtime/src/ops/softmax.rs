@@ -16,7 +16,7 @@ pub fn softmax(rec: &mut Recorder, x: &Tensor, rows: usize, k: usize) -> Result<
             .min(256),
     );
     let key = PipelineKey::new("softmax", "main").define("WG", wg);
-    rec.dispatch(&key, &[k as u32], &[x.buffer()], [rows as u32, 1, 1])
+    rec.dispatch(&key, &[k as u32], &[x.bind()], [rows as u32, 1, 1])
 }
 
 /// CPU reference.

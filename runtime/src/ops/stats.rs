@@ -158,7 +158,7 @@ pub fn channel_stats(
         u32_of("channel_stats", stats_offset)?,
         0,
     ];
-    rec.dispatch(&key, &params, &[x.buffer(), stats.buffer()], groups)
+    rec.dispatch(&key, &params, &[x.bind(), stats.bind()], groups)
 }
 
 /// Rows of a `[k, k]` Gram matrix that fit one storage binding of `gpu`.
@@ -166,17 +166,24 @@ pub fn gram_rows_per_part(gpu: &Gpu, k: usize) -> usize {
     (gpu.max_binding_size() as usize / (4 * k.max(1))).clamp(1, k.max(1))
 }
 
+/// Elements of the scratch tensor [`gram`] transposes `m` rows into for `h_rows` output rows.
+pub fn gram_scratch_len(m: usize, h_rows: usize) -> usize {
+    m * h_rows
+}
+
 /// Records `h += X^T X` for rows `row0..row0 + h_rows` of the `[k, k]` Gram matrix of `x`'s
 /// rows; `h` holds those rows, `[h_rows, k]`. Only the upper triangle (column >= row) is sure
 /// to be added; entries below the diagonal may be left as they were, so read the whole matrix
-/// through [`mirror_upper`].
+/// through [`mirror_upper`]. CPU devices transpose x's rows into `scratch` (at least
+/// [`gram_scratch_len`] elements; one is allocated without it), which several calls on one
+/// recorder may share.
 pub fn gram(
     rec: &mut Recorder,
     x: &Tensor,
     rows: Rows,
     h: &Tensor,
-    row0: usize,
-    h_rows: usize,
+    (row0, h_rows): (usize, usize),
+    scratch: Option<&Tensor>,
 ) -> Result<()> {
     rows.check("gram input", x)?;
     check_len("gram output", h, h_rows * rows.k)?;
@@ -200,7 +207,7 @@ pub fn gram(
             (key, [k.div_ceil(tile), n.div_ceil(tile), 1])
         }
         KernelLayout::LanePerRow => {
-            if gram_by_gemm(rec, x, rows, h, row0, h_rows)? {
+            if gram_by_gemm(rec, x, rows, h, (row0, h_rows), scratch)? {
                 return Ok(());
             }
             (
@@ -218,7 +225,7 @@ pub fn gram(
         u32_of("gram", row0)?,
         n,
     ];
-    rec.dispatch(&key, &params, &[x.buffer(), h.buffer()], groups)
+    rec.dispatch(&key, &params, &[x.bind(), h.bind()], groups)
 }
 
 /// The Gram matrix on CPU devices, where the training gemm is ~3x the Gram kernel's rate:
@@ -231,8 +238,8 @@ fn gram_by_gemm(
     x: &Tensor,
     rows: Rows,
     h: &Tensor,
-    row0: usize,
-    h_rows: usize,
+    (row0, h_rows): (usize, usize),
+    scratch: Option<&Tensor>,
 ) -> Result<bool> {
     let (m, k) = (rows.m, rows.k);
     let limits = rec.gpu().limits();
@@ -249,7 +256,10 @@ fn gram_by_gemm(
         return Ok(false);
     }
     let gpu = rec.gpu();
-    let xt = gpu.tensor(&[h_rows, m])?;
+    let xt = match scratch {
+        Some(t) if t.len() >= gram_scratch_len(m, h_rows) => t.clone(),
+        _ => gpu.tensor(&[h_rows, m])?,
+    };
     if !xt.buffer().usage().contains(wgpu::BufferUsages::UNIFORM) {
         return Ok(false);
     }
@@ -292,7 +302,7 @@ fn gram_by_gemm(
             batch: 1,
         };
         if !recorded {
-            rec.dispatch(&transpose, &params, &[x.buffer(), xt.buffer()], groups)?;
+            rec.dispatch(&transpose, &params, &[x.bind(), xt.bind()], groups)?;
             recorded = true;
         }
         if !gemm_rows(rec, shape, 1.0, a, b, h, (i_lo * k + col0, k, 0), true)? {
@@ -441,15 +451,18 @@ mod tests {
                 let cuts = [0, k / 3, k / 3 + 1, k];
                 let mut got = Vec::new();
                 let mut want = vec![0.0f64; k * k];
-                for part in cuts.windows(2) {
+                // Parts alternate between a shared scratch tensor and one of their own.
+                let shared = gpu.tensor(&[gram_scratch_len(m, k)]).unwrap();
+                for (i, part) in cuts.windows(2).enumerate() {
                     let (row0, n) = (part[0], part[1] - part[0]);
+                    let scratch = i.is_multiple_of(2).then_some(&shared);
                     if n == 0 {
                         continue;
                     }
                     let ht = gpu.tensor_from(&[n * k], &vec![0.5; n * k]).unwrap();
                     let mut rec = Recorder::new(gpu);
-                    gram(&mut rec, &xt, rows, &ht, row0, n).unwrap();
-                    gram(&mut rec, &xt, rows, &ht, row0, n).unwrap();
+                    gram(&mut rec, &xt, rows, &ht, (row0, n), scratch).unwrap();
+                    gram(&mut rec, &xt, rows, &ht, (row0, n), scratch).unwrap();
                     if gpu.kernel_layout() == KernelLayout::LanePerRow && stride % 4 == 0 {
                         // Aligned rows take the transpose and one gemm block per call.
                         assert_eq!(rec.dispatch_count(), 4, "m={m} k={k}");
@@ -486,9 +499,9 @@ mod tests {
         };
         assert!(channel_stats(&mut rec, &x, narrow, &stats, 0).is_err());
         let h = gpu.tensor(&[8, 8]).unwrap();
-        assert!(gram(&mut rec, &x, dense, &h, 4, 5).is_err());
+        assert!(gram(&mut rec, &x, dense, &h, (4, 5), None).is_err());
         assert_eq!(rec.dispatch_count(), 0);
-        assert!(gram(&mut rec, &x, dense, &h, 0, 8).is_ok());
+        assert!(gram(&mut rec, &x, dense, &h, (0, 8), None).is_ok());
         assert!(rec.dispatch_count() >= 1);
     }
 }
