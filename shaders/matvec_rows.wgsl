@@ -75,11 +75,13 @@ fn main(
         row1 = 4u * p.split + row0;
     }
     // ROPE: pair i of a head; pairs past n_rot / 2 are adjacent and not rotated.
-    let pair = (wid.x + wid.y * nwg.x) * LANES + lid;
-    let half_head = p.head_dim / 2u;
-    let i = pair % half_head;
-    let rotated = i < p.n_rot / 2u;
+    var i = 0u;
+    var rotated = false;
     if (ROPE == 1u) {
+        let pair = (wid.x + wid.y * nwg.x) * LANES + lid;
+        let half_head = p.head_dim / 2u;
+        i = pair % half_head;
+        rotated = i < p.n_rot / 2u;
         n0 = (pair / half_head) * p.head_dim + 2u * i;
         n1 = n0 + 1u;
         if (rotated && p.neox == 1u) {
