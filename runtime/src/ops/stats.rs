@@ -200,6 +200,15 @@ pub fn gram(
     let gpu = rec.gpu();
     let k = u32_of("gram", rows.k)?;
     let n = u32_of("gram", h_rows)?;
+    // The words of stats.wgsl's Params, which the Gram kernels and `transpose_rows` share.
+    let params = [
+        u32_of("gram", rows.m)?,
+        k,
+        u32_of("gram", rows.offset)?,
+        u32_of("gram", rows.stride)?,
+        u32_of("gram", row0)?,
+        n,
+    ];
     let (key, groups) = match gpu.kernel_layout() {
         KernelLayout::Cooperative => {
             let key = key(gpu, "gram");
@@ -207,7 +216,7 @@ pub fn gram(
             (key, [k.div_ceil(tile), n.div_ceil(tile), 1])
         }
         KernelLayout::LanePerRow => {
-            if gram_by_gemm(rec, x, rows, h, (row0, h_rows), scratch)? {
+            if gram_by_gemm(rec, x, rows, h, (row0, h_rows), scratch, &params)? {
                 return Ok(());
             }
             (
@@ -217,14 +226,6 @@ pub fn gram(
         }
     };
     check_groups(gpu, "gram", groups)?;
-    let params = [
-        u32_of("gram", rows.m)?,
-        k,
-        u32_of("gram", rows.offset)?,
-        u32_of("gram", rows.stride)?,
-        u32_of("gram", row0)?,
-        n,
-    ];
     rec.dispatch(&key, &params, &[x.bind(), h.bind()], groups)
 }
 
@@ -232,7 +233,8 @@ pub fn gram(
 /// the rows' columns `row0..` are transposed into a scratch tensor, whose rows (A) the gemm reads
 /// through uniform windows while it streams x's rows (B). Each block of output rows starts its
 /// columns at its first row (rounded down to 4 for B's vec4 loads), which halves the work.
-/// Returns `false`, recording nothing, where the layout does not suit the gemm.
+/// Returns `false`, recording nothing, where the layout does not suit the gemm. `params` are
+/// [`gram`]'s words, which `transpose_rows` reads too.
 fn gram_by_gemm(
     rec: &mut Recorder,
     x: &Tensor,
@@ -240,6 +242,7 @@ fn gram_by_gemm(
     h: &Tensor,
     (row0, h_rows): (usize, usize),
     scratch: Option<&Tensor>,
+    params: &[u32; 6],
 ) -> Result<bool> {
     let (m, k) = (rows.m, rows.k);
     let limits = rec.gpu().limits();
@@ -269,14 +272,6 @@ fn gram_by_gemm(
         1,
     ];
     check_groups(gpu, "gram", groups)?;
-    let params = [
-        u32_of("gram", m)?,
-        u32_of("gram", k)?,
-        u32_of("gram", rows.offset)?,
-        u32_of("gram", rows.stride)?,
-        u32_of("gram", row0)?,
-        u32_of("gram", h_rows)?,
-    ];
     let transpose = key(gpu, "transpose_rows");
     let mut recorded = false;
     for i_lo in (0..h_rows).step_by(block) {
@@ -302,7 +297,7 @@ fn gram_by_gemm(
             batch: 1,
         };
         if !recorded {
-            rec.dispatch(&transpose, &params, &[x.bind(), xt.bind()], groups)?;
+            rec.dispatch(&transpose, params, &[x.bind(), xt.bind()], groups)?;
             recorded = true;
         }
         if !gemm_rows(rec, shape, 1.0, a, b, h, (i_lo * k + col0, k, 0), true)? {
