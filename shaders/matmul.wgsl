@@ -13,7 +13,7 @@ struct Params {
     y_offset: u32,   // element offset of Y[0, 0]
     x_stride: u32,   // elements between rows of X
     accumulate: u32, // 1: Y += X W^T instead of Y = X W^T
-    row_bytes: u32,  // bytes of one row of W
+    row_bytes: u32,  // bytes from one row of W to the next (rows padded to 16 bytes)
     x_offset: u32,   // element offset of x[0, 0]
     m: u32,          // rows of X
 }

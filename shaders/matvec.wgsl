@@ -15,7 +15,7 @@ struct Params {
     y_offset: u32,   // element offset of y[0, 0]
     x_stride: u32,   // elements between rows of x
     accumulate: u32, // 1: y += W x instead of y = W x
-    row_bytes: u32,  // bytes of one row of W
+    row_bytes: u32,  // bytes from one row of W to the next (rows padded to 16 bytes)
     x_offset: u32,   // element offset of x[0, 0]
 }
 

@@ -26,7 +26,7 @@ struct Params {
     y_offset: u32,   // element offset of y[0]
     x_stride: u32,   // unused (one row of x)
     accumulate: u32, // 1: y += W x instead of y = W x
-    row_bytes: u32,  // bytes of one row of W
+    row_bytes: u32,  // bytes from one row of W to the next (rows padded to 16 bytes)
     x_offset: u32,   // unused: x is bound from its first element
     m: u32,          // unused: 1
     split: u32,      // SWIGLU: words of the gate projection, where the up projection starts
@@ -58,6 +58,96 @@ fn store(n: u32, value: f32) {
     }
 }
 
+// The lane's two rows (byte offsets) and their sums so far.
+var<private> row0: u32;
+var<private> row1: u32;
+var<private> acc0: f32;
+var<private> acc1: f32;
+
+// `count` (at most 3) 16-byte words of the lane's first or second row (which starts at byte
+// `row`, a multiple of 16) from its word `first`, as up to 12 words.
+fn row_words(row: u32, second: bool, first: u32, count: u32) -> array<u32, 12> {
+    var v: array<vec4<u32>, 3>;
+    for (var i = 0u; i < count; i++) {
+        if (second) {
+            v[i] = wload4_second((row >> 4u) + first + i);
+        } else {
+            v[i] = wload4((row >> 4u) + first + i);
+        }
+    }
+    var w: array<u32, 12>;
+    for (var i = 0u; i < 4u * count; i++) {
+        w[i] = v[i / 4u][i % 4u];
+    }
+    return w;
+}
+
+// Group b of a Q4_1 row from its words (block at word `at`) times x: d (q . x) + m sum(x).
+fn q4_1_dot(w: array<u32, 12>, at: u32, b: u32, xsum: f32) -> f32 {
+    let dm = unpack2x16float(w[at]);
+    var s = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        s = fma(u4x4(w[at + 1u + j]), x[8u * b + j], s);
+        s = fma(u4x4(w[at + 1u + j] >> 4u), x[8u * b + j + 4u], s);
+    }
+    return fma(dm.x, sum4(s), dm.y * xsum);
+}
+
+// Group b of a Q8_0 row from its words (block at byte `at` of them, 2-byte aligned) times x.
+fn q8_0_dot(w: array<u32, 12>, at: u32, b: u32) -> f32 {
+    let d = unpack2x16float(w[at / 4u] >> ((at % 4u) * 8u)).x;
+    let first = (at + 2u) / 4u;
+    let odd = (at + 2u) % 4u != 0u;
+    var s = vec4<f32>(0.0);
+    for (var j = 0u; j < 8u; j++) {
+        var q = w[first + j];
+        if (odd) {
+            q = (q >> 16u) | (w[first + j + 1u] << 16u);
+        }
+        s = fma(i8x4(q), x[8u * b + j], s);
+    }
+    return d * sum4(s);
+}
+
+// Adds group b (32 elements) of the lane's two rows times x to the sums. With UNROLL > 0 the
+// runtime writes one call per group with b a constant, so that every load of x has a constant
+// index (see the runtime's `unroll_groups`); Q4_1 and Q8_0 rows are then read 16 bytes a load
+// (a block's offset in its row is a constant too), where each 4-byte load of a lane costs a
+// loop over the SIMD lanes on CPU devices.
+fn accumulate_group(b: u32) {
+    if (UNROLL > 0u && WTYPE == 3u) {
+        let at = b * 5u;
+        let w0 = row_words(row0, false, at / 4u, 2u);
+        let w1 = row_words(row1, true, at / 4u, 2u);
+        var xs = vec4<f32>(0.0);
+        for (var j = 0u; j < 8u; j++) {
+            xs += x[8u * b + j];
+        }
+        acc0 += q4_1_dot(w0, at % 4u, b, sum4(xs));
+        acc1 += q4_1_dot(w1, at % 4u, b, sum4(xs));
+        return;
+    }
+    if (UNROLL > 0u && WTYPE == 8u) {
+        let at = b * 34u;
+        let w0 = row_words(row0, false, at / 16u, 3u);
+        let w1 = row_words(row1, true, at / 16u, 3u);
+        acc0 += q8_0_dot(w0, at % 16u, b);
+        acc1 += q8_0_dot(w1, at % 16u, b);
+        return;
+    }
+    let w0 = dequant_group(row0, b);
+    let w1 = dequant_group(row1, b);
+    var s0 = vec4<f32>(0.0);
+    var s1 = vec4<f32>(0.0);
+    for (var j = 0u; j < 8u; j++) {
+        let xv = x[8u * b + j];
+        s0 += w0[j] * xv;
+        s1 += w1[j] * xv;
+    }
+    acc0 += sum4(s0);
+    acc1 += sum4(s1);
+}
+
 @compute @workgroup_size(LANES)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -66,8 +156,8 @@ fn main(
 ) {
     var n0 = (wid.x + wid.y * nwg.x) * 2u * LANES + lid;
     var n1 = n0 + LANES;
-    var row0 = min(n0, p.n - 1u) * p.row_bytes;
-    var row1 = min(n1, p.n - 1u) * p.row_bytes;
+    row0 = min(n0, p.n - 1u) * p.row_bytes;
+    row1 = min(n1, p.n - 1u) * p.row_bytes;
     if (SWIGLU == 1u) {
         n0 = (wid.x + wid.y * nwg.x) * LANES + lid;
         n1 = n0;
@@ -91,24 +181,18 @@ fn main(
         row0 = min(n0, p.n - 1u) * p.row_bytes;
         row1 = min(n1, p.n - 1u) * p.row_bytes;
     }
-    var acc0 = 0.0;
-    var acc1 = 0.0;
-    let blocks = p.k / 32u;
+    acc0 = 0.0;
+    acc1 = 0.0;
     // 32-element groups for K-quants too: a pair of groups for each of two rows
     // (`dequant_group_pair`) needs more registers than the device has. (The runtime sends
     // K-quants to `linear_rows.wgsl`, where they run as fast; measured on lavapipe.)
-    for (var b = 0u; b < blocks; b++) {
-        let w0 = dequant_group(row0, b);
-        let w1 = dequant_group(row1, b);
-        var s0 = vec4<f32>(0.0);
-        var s1 = vec4<f32>(0.0);
-        for (var j = 0u; j < 8u; j++) {
-            let xv = x[8u * b + j];
-            s0 += w0[j] * xv;
-            s1 += w1[j] * xv;
+    let blocks = p.k / 32u;
+    if (UNROLL > 0u) {
+        // @unrolled-groups
+    } else {
+        for (var b = 0u; b < blocks; b++) {
+            accumulate_group(b);
         }
-        acc0 += sum4(s0);
-        acc1 += sum4(s1);
     }
     // F32 and F16 rows need not be whole groups of 32.
     for (var g = 8u * blocks; g < p.k / 4u; g++) {

@@ -180,27 +180,60 @@ pub fn assemble(family: &str, defines: &[(&'static str, u32)]) -> Option<String>
         })?);
         text.push('\n');
     }
-    text.push_str(&body);
+    match defines.iter().find(|(name, _)| *name == "UNROLL") {
+        Some(&(_, groups)) if groups > 0 => text.push_str(&unroll_groups(&body, groups)),
+        _ => text.push_str(&body),
+    }
     Some(text)
 }
 
-/// The binding of the weights and `wload(i)`, their i-th 32-bit word, which `quant.wgsl` reads
-/// them through.
-const WEIGHT_ACCESS: &str = "@group(0) @binding(1) var<storage, read> weights: array<u32>;
+/// The line a kernel marks where `accumulate_group(b)` runs for each of its UNROLL groups.
+const UNROLL_MARKER: &str = "// @unrolled-groups";
+
+/// `body` with its unroll marker replaced by one `accumulate_group(b);` per group, b constant:
+/// on CPU devices a load whose index is a constant is one scalar load for all SIMD lanes, where an
+/// index that depends on a loop counter is gathered lane by lane (llvmpipe asks whether an
+/// index is uniform only by its form, not by its value).
+fn unroll_groups(body: &str, groups: u32) -> String {
+    let calls: String = (0..groups)
+        .map(|b| format!("accumulate_group({b}u);\n"))
+        .collect();
+    body.replace(UNROLL_MARKER, &calls)
+}
+
+/// The binding of the weights, `wload(i)`, their i-th 32-bit word, which `quant.wgsl` reads
+/// them through, and `wload4(i)`, their i-th 16 bytes (rows start at multiples of 16 bytes:
+/// `DType::row_stride`). `wload4_second` reads the second row of a `matvec_rows` lane.
+const WEIGHT_ACCESS: &str = "@group(0) @binding(1) var<storage, read> weights: array<vec4<u32>>;
 fn wload(i: u32) -> u32 {
+    return weights[i >> 2u][i & 3u];
+}
+fn wload4(i: u32) -> vec4<u32> {
+    return weights[i];
+}
+fn wload4_second(i: u32) -> vec4<u32> {
     return weights[i];
 }
 ";
 
 /// Two weights read as one (define SWIGLU = 1): the first `p.split` words from binding 1, the
-/// rest from binding 4.
-const WEIGHT_ACCESS_SPLIT: &str = "@group(0) @binding(1) var<storage, read> weights: array<u32>;
-@group(0) @binding(4) var<storage, read> weights_b: array<u32>;
+/// rest from binding 4. A `matvec_rows` lane's second row is in binding 4 (`wload4_second`),
+/// so its loads need no choice of buffer.
+const WEIGHT_ACCESS_SPLIT: &str =
+    "@group(0) @binding(1) var<storage, read> weights: array<vec4<u32>>;
+@group(0) @binding(4) var<storage, read> weights_b: array<vec4<u32>>;
 fn wload(i: u32) -> u32 {
     if (i < p.split) {
-        return weights[i];
+        return weights[i >> 2u][i & 3u];
     }
-    return weights_b[i - p.split];
+    let j = i - p.split;
+    return weights_b[j >> 2u][j & 3u];
+}
+fn wload4(i: u32) -> vec4<u32> {
+    return weights[i];
+}
+fn wload4_second(i: u32) -> vec4<u32> {
+    return weights_b[i - p.split / 4u];
 }
 ";
 

@@ -140,6 +140,13 @@ impl DType {
         Ok(k / self.block_size() * self.block_bytes())
     }
 
+    /// Bytes from one row of a `k`-element weight to the next on the device: the row padded to
+    /// 16 bytes, so that every row starts where a kernel can read it as `vec4<u32>` and a
+    /// block's offset in its row is the same for every row (see `matvec_rows.wgsl`).
+    pub fn row_stride(self, k: usize) -> Result<usize> {
+        Ok(self.row_bytes(k)?.div_ceil(WEIGHT_ROW_ALIGN) * WEIGHT_ROW_ALIGN)
+    }
+
     /// The bytes per block that the WGSL dequantisation steps over: a GGUF block, or 32
     /// elements of a plain float type.
     pub(crate) fn wgsl_block_bytes(self) -> u32 {
@@ -388,6 +395,9 @@ impl Tensor {
     }
 }
 
+/// Alignment of each weight row on the device, in bytes ([`DType::row_stride`]).
+pub const WEIGHT_ROW_ALIGN: usize = 16;
+
 /// One row range of a weight, in its own buffer.
 pub struct WeightPart {
     pub(crate) buffer: wgpu::Buffer,
@@ -400,6 +410,8 @@ pub struct Weight {
     pub dtype: DType,
     pub rows: usize,
     pub cols: usize,
+    /// Bytes from one row to the next in a part's buffer ([`DType::row_stride`]).
+    pub row_stride: usize,
     pub parts: Vec<WeightPart>,
 }
 
@@ -524,13 +536,21 @@ impl Gpu {
                 rows * row_bytes
             )));
         }
+        let stride = dtype.row_stride(cols)?;
         self.weight_parts(name, dtype, rows, cols, true, |buffer, row_start, n| {
             let chunk = &bytes[row_start * row_bytes..(row_start + n) * row_bytes];
             {
                 let mut view = buffer
                     .get_mapped_range_mut(..)
                     .map_err(|e| RuntimeError::Device(format!("mapping `{name}`: {e}")))?;
-                view.slice(..chunk.len()).copy_from_slice(chunk);
+                if stride == row_bytes {
+                    view.slice(..chunk.len()).copy_from_slice(chunk);
+                } else {
+                    for (r, row) in chunk.chunks_exact(row_bytes).enumerate() {
+                        view.slice(r * stride..r * stride + row_bytes)
+                            .copy_from_slice(row);
+                    }
+                }
             }
             buffer.unmap();
             Ok(())
@@ -550,8 +570,13 @@ impl Gpu {
         cols: usize,
         seed: u64,
     ) -> Result<Weight> {
-        let row_bytes = dtype.row_bytes(cols)?;
-        let (pattern_rows, pattern) = synthetic_pattern(dtype, rows, cols, seed)?;
+        let (row_bytes, stride) = (dtype.row_bytes(cols)?, dtype.row_stride(cols)?);
+        let (pattern_rows, packed) = synthetic_pattern(dtype, rows, cols, seed)?;
+        // The pattern laid out as the weight's rows are: each padded to the row stride.
+        let mut pattern = vec![0u8; pattern_rows * stride];
+        for (r, row) in packed.chunks_exact(row_bytes.max(1)).enumerate() {
+            pattern[r * stride..r * stride + row_bytes].copy_from_slice(row);
+        }
         let source = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("synthetic pattern"),
             size: (pattern.len() as u64).div_ceil(4) * 4,
@@ -567,12 +592,11 @@ impl Gpu {
         source.unmap();
         let mut encoder = self.device.create_command_encoder(&Default::default());
         let weight = self.weight_parts(name, dtype, rows, cols, false, |buffer, _, n| {
-            // The pattern is a multiple of 4 bytes whenever it repeats, so every copy starts
-            // aligned; the last one may round up into the part's slack.
+            // Rows are whole strides (multiples of 16 bytes), so every copy starts aligned.
             for first in (0..n).step_by(pattern_rows) {
-                let len = (pattern_rows.min(n - first) * row_bytes) as u64;
-                let offset = (first * row_bytes) as u64;
-                encoder.copy_buffer_to_buffer(&source, 0, buffer, offset, len.div_ceil(4) * 4);
+                let len = (pattern_rows.min(n - first) * stride) as u64;
+                let offset = (first * stride) as u64;
+                encoder.copy_buffer_to_buffer(&source, 0, buffer, offset, len);
             }
             Ok(())
         })?;
@@ -592,7 +616,7 @@ impl Gpu {
         mapped: bool,
         mut fill: impl FnMut(&wgpu::Buffer, usize, usize) -> Result<()>,
     ) -> Result<Weight> {
-        let row_bytes = dtype.row_bytes(cols)?;
+        let row_bytes = dtype.row_stride(cols)?;
         let limit = self.max_binding_size().saturating_sub(8) as usize;
         let rows_per_part = (limit / row_bytes.max(1)).max(1);
         if row_bytes > limit {
@@ -606,7 +630,8 @@ impl Gpu {
         let mut row_start = 0;
         while row_start < rows {
             let n = rows_per_part.min(rows - row_start);
-            let size = ((n * row_bytes) as u64 + 8).div_ceil(4) * 4;
+            // Whole 16-byte words, which kernels may read the weight as.
+            let size = ((n * row_bytes) as u64 + 8).div_ceil(16) * 16;
             let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(name),
                 size,
@@ -625,6 +650,7 @@ impl Gpu {
             dtype,
             rows,
             cols,
+            row_stride: row_bytes,
             parts,
         })
     }
@@ -757,8 +783,12 @@ mod tests {
             }
             let mut bytes = Vec::new();
             for part in &w.parts {
-                let len = (part.rows * row_bytes) as u64;
-                let got = gpu.read_bytes(&part.buffer, 0, len).unwrap();
+                let len = (part.rows * w.row_stride) as u64;
+                let padded = gpu.read_bytes(&part.buffer, 0, len).unwrap();
+                let got: Vec<u8> = padded
+                    .chunks_exact(w.row_stride)
+                    .flat_map(|row| row[..row_bytes].iter().copied())
+                    .collect();
                 let want: Vec<u8> = (0..part.rows)
                     .flat_map(|r| {
                         let p = r % pattern_rows;

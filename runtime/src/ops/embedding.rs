@@ -16,7 +16,7 @@ pub fn embedding(
 ) -> Result<()> {
     check_len("embedding ids", ids, n)?;
     check_len("embedding output", out, n * w.cols)?;
-    let row_bytes = w.dtype.row_bytes(w.cols)? as u32;
+    let row_bytes = w.row_stride as u32;
     let key = PipelineKey::new("embedding", "main")
         .define("WTYPE", w.dtype.ggml_id())
         .define("BLOCK_BYTES", w.dtype.wgsl_block_bytes());

@@ -73,7 +73,7 @@ pub fn linear(
             out.stride
         )));
     }
-    let row_bytes = w.dtype.row_bytes(k)? as u32;
+    let row_bytes = w.row_stride as u32;
     for part in &w.parts {
         let defines = |family| {
             PipelineKey::new(family, "main")
@@ -290,7 +290,7 @@ fn matvec_part(
     fusion: Fusion,
 ) -> Result<bool> {
     let (n, k) = (part.rows, w.cols);
-    let row_bytes = w.dtype.row_bytes(k)?;
+    let row_bytes = w.row_stride;
     let whole = w.parts.len() == 1;
     let mut fits = rec.gpu().kernel_layout() == KernelLayout::LanePerRow
         && w.dtype.block_size() != 256
@@ -326,7 +326,8 @@ fn matvec_part(
         .define("XV", (k / 4) as u32)
         .define("SWIGLU", fusion.up.is_some() as u32)
         .define("ROPE", fusion.rope.is_some() as u32)
-        .define("LANES", MATVEC_LANES);
+        .define("LANES", MATVEC_LANES)
+        .define("UNROLL", unrolled_groups(k));
     let mut params = kernel_params(part, k, row_bytes as u32, out);
     // One row of x; SwiGLU's up projection starts where the gate's words end.
     params.extend([1, fusion.up.map_or(0, |_| (n * row_bytes / 4) as u32)]);
@@ -354,6 +355,30 @@ fn matvec_part(
     rec.dispatch(&key, &params, &bindings, groups)?;
     Ok(true)
 }
+
+/// Groups of 32 elements the decode mat-vec unrolls, with constant indices into x and constant
+/// block offsets, for rows of `k` elements; 0 (a loop) for longer rows. Unrolled code runs ~1.5x
+/// faster on lavapipe but takes the driver seconds to compile (SmolLM2-135M's 576-long rows:
+/// ~3 s a kernel), and the time grows faster than the row: `TESSERA_MATVEC_UNROLL` sets the
+/// longest row unrolled, in groups (0: none).
+fn unrolled_groups(k: usize) -> u32 {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let max = *MAX.get_or_init(|| {
+        std::env::var("TESSERA_MATVEC_UNROLL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(MATVEC_MAX_UNROLL)
+    });
+    let groups = k / 32;
+    if groups <= max {
+        groups as u32
+    } else {
+        0
+    }
+}
+
+/// The longest row, in groups of 32, that [`unrolled_groups`] unrolls by default.
+const MATVEC_MAX_UNROLL: usize = 32;
 
 /// The `len` elements of `x` from `offset` as a uniform binding, where the device allows it:
 /// the buffer can be bound as uniform, the offset is aligned and the range fits the limit.
@@ -422,9 +447,11 @@ mod tests {
         for dtype in DType::ALL {
             // K-quant rows are whole 256-element super-blocks.
             let shapes = if dtype.block_size() == 256 {
-                [(37, 512), (1, 256), (201, 768)]
+                [(37, 512), (1, 256), (201, 768), (5, 1024)]
             } else {
-                [(37, 96), (1, 32), (201, 544)]
+                // 544: 17 groups, unrolled (odd, and its last block's words reach the padding);
+                // 1088: 34, past the unrolled length.
+                [(37, 96), (1, 32), (201, 544), (5, 1088)]
             };
             for (i, &(n, k)) in shapes.iter().enumerate() {
                 for m in [1, 3] {
