@@ -36,6 +36,7 @@ struct Params {
     neox: u32,       // 1: NeoX layout (i, i + n_rot / 2); 0: adjacent pairs (2i, 2i + 1)
     pos: u32,        // position of the token
     base: f32,       // frequency base
+    w_offset: u32,   // byte of each row of W where this dispatch's columns start (x's window)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -64,16 +65,32 @@ var<private> row1: u32;
 var<private> acc0: f32;
 var<private> acc1: f32;
 
-// `count` (at most 3) 16-byte words of the lane's first or second row (which starts at byte
-// `row`, a multiple of 16) from its word `first`, as up to 12 words.
-fn row_words(row: u32, second: bool, first: u32, count: u32) -> array<u32, 12> {
+// The last 16 bytes read of each of the lane's rows, which the next group starts with when its
+// block begins in them.
+var<private> carry0: vec4<u32>;
+var<private> carry1: vec4<u32>;
+
+// The 16-byte words of the lane's first or second row (which starts at byte `row`, a multiple
+// of 16) that hold block b, as up to 12 words: the first of them is word (b BLOCK_BYTES) / 16.
+// With b a constant (UNROLL) the word a group shares with the one before it is not read again.
+fn row_words(row: u32, second: bool, b: u32) -> array<u32, 12> {
+    let first = b * BLOCK_BYTES / 16u;
+    let count = (b * BLOCK_BYTES + BLOCK_BYTES - 1u) / 16u - first + 1u;
+    let carried = b > 0u && (b * BLOCK_BYTES - 1u) / 16u == first;
     var v: array<vec4<u32>, 3>;
     for (var i = 0u; i < count; i++) {
-        if (second) {
+        if (i == 0u && carried) {
+            v[i] = select(carry0, carry1, second);
+        } else if (second) {
             v[i] = wload4_second((row >> 4u) + first + i);
         } else {
             v[i] = wload4((row >> 4u) + first + i);
         }
+    }
+    if (second) {
+        carry1 = v[count - 1u];
+    } else {
+        carry0 = v[count - 1u];
     }
     var w: array<u32, 12>;
     for (var i = 0u; i < 4u * count; i++) {
@@ -82,57 +99,74 @@ fn row_words(row: u32, second: bool, first: u32, count: u32) -> array<u32, 12> {
     return w;
 }
 
-// Group b of a Q4_1 row from its words (block at word `at`) times x: d (q . x) + m sum(x).
-fn q4_1_dot(w: array<u32, 12>, at: u32, b: u32, xsum: f32) -> f32 {
-    let dm = unpack2x16float(w[at]);
-    var s = vec4<f32>(0.0);
-    for (var j = 0u; j < 4u; j++) {
-        s = fma(u4x4(w[at + 1u + j]), x[8u * b + j], s);
-        s = fma(u4x4(w[at + 1u + j] >> 4u), x[8u * b + j + 4u], s);
+// The 32-bit word at byte `at` (2-byte aligned) of `w`.
+fn word_at(w: array<u32, 12>, at: u32) -> u32 {
+    if (at % 4u == 0u) {
+        return w[at / 4u];
     }
-    return fma(dm.x, sum4(s), dm.y * xsum);
+    return (w[at / 4u] >> 16u) | (w[at / 4u + 1u] << 16u);
 }
 
-// Group b of a Q8_0 row from its words (block at byte `at` of them, 2-byte aligned) times x.
-fn q8_0_dot(w: array<u32, 12>, at: u32, b: u32) -> f32 {
-    let d = unpack2x16float(w[at / 4u] >> ((at % 4u) * 8u)).x;
-    let first = (at + 2u) / 4u;
-    let odd = (at + 2u) % 4u != 0u;
+// Group b of a row times x, from the words that hold its block (at byte `at` of them), for
+// the types read 16 bytes a load: Q4_1 as d (q . x) + m sum(x), Q4_0 and Q8_0 as d (q . x)
+// (with Q4_0's codes offset by 8: d (q . x - 8 sum(x))), IQ4_NL through its levels.
+fn block_dot(w: array<u32, 12>, at: u32, b: u32, xsum: f32) -> f32 {
     var s = vec4<f32>(0.0);
-    for (var j = 0u; j < 8u; j++) {
-        var q = w[first + j];
-        if (odd) {
-            q = (q >> 16u) | (w[first + j + 1u] << 16u);
+    if (WTYPE == 3u) {
+        let dm = unpack2x16float(w[at / 4u]);
+        for (var j = 0u; j < 4u; j++) {
+            let q = w[at / 4u + 1u + j];
+            s = fma(u4x4(q), x[8u * b + j], s);
+            s = fma(u4x4(q >> 4u), x[8u * b + j + 4u], s);
         }
-        s = fma(i8x4(q), x[8u * b + j], s);
+        return fma(dm.x, sum4(s), dm.y * xsum);
+    }
+    let d = unpack2x16float(w[at / 4u] >> ((at % 4u) * 8u)).x;
+    if (WTYPE == 8u) {
+        for (var j = 0u; j < 8u; j++) {
+            s = fma(i8x4(word_at(w, at + 2u + 4u * j)), x[8u * b + j], s);
+        }
+        return d * sum4(s);
+    }
+    for (var j = 0u; j < 4u; j++) {
+        let q = word_at(w, at + 2u + 4u * j);
+        if (WTYPE == 2u) {
+            s = fma(u4x4(q), x[8u * b + j], s);
+            s = fma(u4x4(q >> 4u), x[8u * b + j + 4u], s);
+        } else {
+            s = fma(iq4x4(q), x[8u * b + j], s);
+            s = fma(iq4x4(q >> 4u), x[8u * b + j + 4u], s);
+        }
+    }
+    if (WTYPE == 2u) {
+        return d * (sum4(s) - 8.0 * xsum);
     }
     return d * sum4(s);
 }
 
+// Whether blocks are read 16 bytes a load (`row_words`, `block_dot`): Q4_0, Q4_1, Q8_0 and
+// IQ4_NL in unrolled kernels.
+const VEC4_BLOCKS: bool = UNROLL > 0u
+    && (WTYPE == 2u || WTYPE == 3u || WTYPE == 8u || WTYPE == 20u);
+
 // Adds group b (32 elements) of the lane's two rows times x to the sums. With UNROLL > 0 the
 // runtime writes one call per group with b a constant, so that every load of x has a constant
-// index (see the runtime's `unroll_groups`); Q4_1 and Q8_0 rows are then read 16 bytes a load
-// (a block's offset in its row is a constant too), where each 4-byte load of a lane costs a
-// loop over the SIMD lanes on CPU devices.
+// index (see the runtime's `unroll_groups`), and a block's offset in its row is a constant too:
+// the types of `VEC4_BLOCKS` are then read 16 bytes a load, where each 4-byte load of a lane
+// costs a loop over the SIMD lanes on CPU devices.
 fn accumulate_group(b: u32) {
-    if (UNROLL > 0u && WTYPE == 3u) {
-        let at = b * 5u;
-        let w0 = row_words(row0, false, at / 4u, 2u);
-        let w1 = row_words(row1, true, at / 4u, 2u);
+    if (VEC4_BLOCKS) {
+        let at = (b * BLOCK_BYTES) % 16u;
+        let w0 = row_words(row0, false, b);
+        let w1 = row_words(row1, true, b);
         var xs = vec4<f32>(0.0);
-        for (var j = 0u; j < 8u; j++) {
-            xs += x[8u * b + j];
+        if (WTYPE == 2u || WTYPE == 3u) {
+            for (var j = 0u; j < 8u; j++) {
+                xs += x[8u * b + j];
+            }
         }
-        acc0 += q4_1_dot(w0, at % 4u, b, sum4(xs));
-        acc1 += q4_1_dot(w1, at % 4u, b, sum4(xs));
-        return;
-    }
-    if (UNROLL > 0u && WTYPE == 8u) {
-        let at = b * 34u;
-        let w0 = row_words(row0, false, at / 16u, 3u);
-        let w1 = row_words(row1, true, at / 16u, 3u);
-        acc0 += q8_0_dot(w0, at % 16u, b);
-        acc1 += q8_0_dot(w1, at % 16u, b);
+        acc0 += block_dot(w0, at, b, sum4(xs));
+        acc1 += block_dot(w1, at, b, sum4(xs));
         return;
     }
     let w0 = dequant_group(row0, b);
@@ -181,6 +215,8 @@ fn main(
         row0 = min(n0, p.n - 1u) * p.row_bytes;
         row1 = min(n1, p.n - 1u) * p.row_bytes;
     }
+    row0 += p.w_offset;
+    row1 += p.w_offset;
     acc0 = 0.0;
     acc1 = 0.0;
     // 32-element groups for K-quants too: a pair of groups for each of two rows

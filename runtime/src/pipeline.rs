@@ -152,6 +152,7 @@ impl PipelineCache {
             .ok_or_else(|| shader_error("no such kernel family".into()))?;
         // naga's own validation first: its errors point at the WGSL line.
         shaders::validate(&text).map_err(shader_error)?;
+        let started = std::time::Instant::now();
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(&label),
             source: wgpu::ShaderSource::Wgsl(text.into()),
@@ -164,6 +165,10 @@ impl PipelineCache {
             compilation_options: Default::default(),
             cache: self.disk.as_ref().map(|d| &d.cache),
         });
+        log::debug!(
+            "compiled {label} in {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
         let pipeline = Arc::new(pipeline);
         map.insert(key.clone(), pipeline.clone());
         Ok(pipeline)

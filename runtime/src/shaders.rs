@@ -283,13 +283,15 @@ mod tests {
                         d.extend([("TM", tm), ("XV", 96 * tm)]);
                         all.push(("linear_rows_ux", d));
                     }
-                    for (swiglu, rope) in [(0, 0), (1, 0), (0, 1)] {
+                    // A loop over the row's groups, and the row's 3 groups unrolled.
+                    for (swiglu, rope, unroll) in [(0, 0, 0), (1, 0, 0), (0, 1, 3), (1, 0, 3)] {
                         let mut d = defines.clone();
                         d.extend([
                             ("XV", 96),
                             ("SWIGLU", swiglu),
                             ("ROPE", rope),
                             ("LANES", 16),
+                            ("UNROLL", unroll),
                         ]);
                         all.push(("matvec_rows", d));
                     }

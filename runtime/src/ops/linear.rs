@@ -311,36 +311,23 @@ fn matvec_part(
             && n == r.heads * r.head_dim
             && !out.accumulate;
     }
-    let x_range = match uniform_x(rec, x, out.x_offset, k) {
-        Some(range) if fits => range,
-        _ => return Ok(false),
-    };
+    if !fits {
+        return Ok(false);
+    }
+    // Every window's x must bind as uniform before anything is recorded.
+    let windows = column_windows(k, fusion.up.is_some() || fusion.rope.is_some());
+    let mut x_ranges = Vec::with_capacity(windows.len());
+    for &(start, len) in &windows {
+        match uniform_x(rec, x, out.x_offset + start, len) {
+            Some(range) => x_ranges.push(range),
+            None => return Ok(false),
+        }
+    }
     check_len(
         "a fused mat-vec's output",
         y,
         out.offset + part.row_start + n,
     )?;
-    let key = PipelineKey::new("matvec_rows", "main")
-        .define("WTYPE", w.dtype.ggml_id())
-        .define("BLOCK_BYTES", w.dtype.wgsl_block_bytes())
-        .define("XV", (k / 4) as u32)
-        .define("SWIGLU", fusion.up.is_some() as u32)
-        .define("ROPE", fusion.rope.is_some() as u32)
-        .define("LANES", MATVEC_LANES)
-        .define("UNROLL", unrolled_groups(k));
-    let mut params = kernel_params(part, k, row_bytes as u32, out);
-    // One row of x; SwiGLU's up projection starts where the gate's words end.
-    params.extend([1, fusion.up.map_or(0, |_| (n * row_bytes / 4) as u32)]);
-    params.extend(match fusion.rope {
-        Some(r) => [
-            r.head_dim as u32,
-            r.n_rot as u32,
-            (r.layout == RopeLayout::Neox) as u32,
-            r.pos0 as u32,
-            r.base.to_bits(),
-        ],
-        None => [0; 5],
-    });
     // Lanes own two rows of W, or a gate row and its up row, or a rotated pair.
     let lanes = match (fusion.up, fusion.rope) {
         (Some(_), _) => n as u32,
@@ -348,12 +335,60 @@ fn matvec_part(
         (None, None) => (n as u32).div_ceil(2),
     };
     let groups = split_groups(rec.gpu(), lanes.div_ceil(MATVEC_LANES), 1);
-    let mut bindings = vec![(&part.buffer).into(), x_range, y.bind()];
-    if let Some(up) = fusion.up {
-        bindings.push((&up.parts[0].buffer).into());
+    for (i, (&(start, len), x_range)) in windows.iter().zip(x_ranges).enumerate() {
+        let key = PipelineKey::new("matvec_rows", "main")
+            .define("WTYPE", w.dtype.ggml_id())
+            .define("BLOCK_BYTES", w.dtype.wgsl_block_bytes())
+            .define("XV", (len / 4) as u32)
+            .define("SWIGLU", fusion.up.is_some() as u32)
+            .define("ROPE", fusion.rope.is_some() as u32)
+            .define("LANES", MATVEC_LANES)
+            .define("UNROLL", unrolled_groups(len));
+        // Windows after the first add into y.
+        let out = LinearOut {
+            accumulate: out.accumulate || i > 0,
+            ..out
+        };
+        let mut params = kernel_params(part, len, row_bytes as u32, out);
+        // One row of x; SwiGLU's up projection starts where the gate's words end.
+        params.extend([1, fusion.up.map_or(0, |_| (n * row_bytes / 4) as u32)]);
+        params.extend(match fusion.rope {
+            Some(r) => [
+                r.head_dim as u32,
+                r.n_rot as u32,
+                (r.layout == RopeLayout::Neox) as u32,
+                r.pos0 as u32,
+                r.base.to_bits(),
+            ],
+            None => [0; 5],
+        });
+        // The window's first byte in each row of W.
+        params.push((start / 32) as u32 * w.dtype.wgsl_block_bytes());
+        let mut bindings = vec![(&part.buffer).into(), x_range, y.bind()];
+        if let Some(up) = fusion.up {
+            bindings.push((&up.parts[0].buffer).into());
+        }
+        rec.dispatch(&key, &params, &bindings, groups)?;
     }
-    rec.dispatch(&key, &params, &bindings, groups)?;
     Ok(true)
+}
+
+/// The column windows `(start, len)` one decode mat-vec over rows of `k` elements runs as: the
+/// whole row, or, for a row longer than the unrolled length, equal windows of a multiple of 8
+/// groups of 32 (so that each starts 16-byte aligned in every 32-element block type), each
+/// unrolled, the later ones adding into y: SmolLM2's 1536-wide down projection runs as two
+/// windows of 768, whose one kernel compiles in a fraction of the 48-group one's time. Fused
+/// kernels need whole dot products, and rows of more than 4 windows loop instead.
+fn column_windows(k: usize, fused: bool) -> Vec<(usize, usize)> {
+    let (max, groups) = (max_unrolled_groups() / 8 * 8, k / 32);
+    if fused || !k.is_multiple_of(32) || groups <= max || max == 0 || groups > 4 * max {
+        return vec![(0, k)];
+    }
+    let per = groups.div_ceil(groups.div_ceil(max)).div_ceil(8) * 8;
+    (0..groups)
+        .step_by(per)
+        .map(|g| (32 * g, 32 * per.min(groups - g)))
+        .collect()
 }
 
 /// Groups of 32 elements the decode mat-vec unrolls, with constant indices into x and constant
@@ -362,19 +397,24 @@ fn matvec_part(
 /// ~3 s a kernel), and the time grows faster than the row: `TESSERA_MATVEC_UNROLL` sets the
 /// longest row unrolled, in groups (0: none).
 fn unrolled_groups(k: usize) -> u32 {
-    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let max = *MAX.get_or_init(|| {
-        std::env::var("TESSERA_MATVEC_UNROLL")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(MATVEC_MAX_UNROLL)
-    });
     let groups = k / 32;
-    if groups <= max {
+    if groups <= max_unrolled_groups() {
         groups as u32
     } else {
         0
     }
+}
+
+/// The longest row, in groups of 32, that [`unrolled_groups`] unrolls: `TESSERA_MATVEC_UNROLL`,
+/// else [`MATVEC_MAX_UNROLL`].
+fn max_unrolled_groups() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var("TESSERA_MATVEC_UNROLL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(MATVEC_MAX_UNROLL)
+    })
 }
 
 /// The longest row, in groups of 32, that [`unrolled_groups`] unrolls by default.
@@ -447,11 +487,11 @@ mod tests {
         for dtype in DType::ALL {
             // K-quant rows are whole 256-element super-blocks.
             let shapes = if dtype.block_size() == 256 {
-                [(37, 512), (1, 256), (201, 768), (5, 1024)]
+                vec![(37, 512), (1, 256), (201, 768), (5, 1024)]
             } else {
                 // 544: 17 groups, unrolled (odd, and its last block's words reach the padding);
-                // 1088: 34, past the unrolled length.
-                [(37, 96), (1, 32), (201, 544), (5, 1088)]
+                // 1088: 34, two column windows (24 + 10 groups); 4128: 129, a loop.
+                vec![(37, 96), (1, 32), (201, 544), (5, 1088), (3, 4128)]
             };
             for (i, &(n, k)) in shapes.iter().enumerate() {
                 for m in [1, 3] {
@@ -460,6 +500,32 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn column_windows_tile_the_row_in_aligned_unrolled_pieces() {
+        let max = max_unrolled_groups();
+        for k in [32, 96, 544, 1024, 1088, 1536, 4096, 4128, 11008, 14336, 100] {
+            let windows = column_windows(k, false);
+            let mut next = 0;
+            for &(start, len) in &windows {
+                assert_eq!(start, next, "k={k}: {windows:?}");
+                assert!(start % 256 == 0 && len > 0, "k={k}: {windows:?}");
+                next = start + len;
+            }
+            assert_eq!(next, k, "k={k}: {windows:?}");
+            if windows.len() > 1 {
+                assert!(
+                    windows.iter().all(|&(_, len)| len / 32 <= max),
+                    "{windows:?}"
+                );
+            }
+            assert_eq!(column_windows(k, true), [(0, k)]);
+        }
+        if max == MATVEC_MAX_UNROLL {
+            assert_eq!(column_windows(1536, false), [(0, 768), (768, 768)]);
+            assert_eq!(column_windows(544, false), [(0, 544)]);
         }
     }
 
