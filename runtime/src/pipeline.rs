@@ -1,6 +1,6 @@
 //! Compute pipelines, built lazily and cached by a key struct.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -35,6 +35,8 @@ impl PipelineKey {
 #[derive(Default)]
 pub struct PipelineCache {
     pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+    /// Keys whose WGSL naga has accepted.
+    checked: Mutex<HashSet<PipelineKey>>,
     disk: Option<DiskCache>,
 }
 
@@ -90,6 +92,7 @@ impl PipelineCache {
         );
         PipelineCache {
             pipelines: Mutex::default(),
+            checked: Mutex::default(),
             disk: Some(DiskCache {
                 cache,
                 path,
@@ -139,19 +142,39 @@ impl PipelineCache {
         device: &wgpu::Device,
         key: &PipelineKey,
     ) -> Result<Arc<wgpu::ComputePipeline>> {
-        let mut map = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = map.get(key) {
-            return Ok(p.clone());
+        match self.lookup(key) {
+            Some(p) => Ok(p),
+            None => self.build(device, key),
         }
-        let label = format!("{}::{} {:?}", key.family, key.entry, key.defines);
-        let shader_error = |message: String| RuntimeError::Shader {
-            kernel: label.clone(),
-            message,
-        };
-        let text = shaders::assemble(key.family, &key.defines)
-            .ok_or_else(|| shader_error("no such kernel family".into()))?;
-        // naga's own validation first: its errors point at the WGSL line.
-        shaders::validate(&text).map_err(shader_error)?;
+    }
+
+    /// The pipeline for `key` if it was compiled.
+    pub(crate) fn lookup(&self, key: &PipelineKey) -> Option<Arc<wgpu::ComputePipeline>> {
+        let map = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(key).cloned()
+    }
+
+    /// Checks the WGSL of `key` with naga (once per key), so that a kernel's error shows where
+    /// its dispatch is recorded even when the driver compiles it later ([`Self::build_all`]).
+    pub(crate) fn check(&self, key: &PipelineKey) -> Result<()> {
+        let mut checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
+        if checked.contains(key) {
+            return Ok(());
+        }
+        shaders_text(key)?;
+        checked.insert(key.clone());
+        Ok(())
+    }
+
+    /// Compiles `key` (without holding the map, so that several threads can compile at once)
+    /// and keeps it; a pipeline another thread kept meanwhile wins.
+    fn build(
+        &self,
+        device: &wgpu::Device,
+        key: &PipelineKey,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let text = shaders_text(key)?;
+        let label = label_of(key);
         let started = std::time::Instant::now();
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(&label),
@@ -169,10 +192,63 @@ impl PipelineCache {
             "compiled {label} in {:.2} s",
             started.elapsed().as_secs_f64()
         );
-        let pipeline = Arc::new(pipeline);
-        map.insert(key.clone(), pipeline.clone());
-        Ok(pipeline)
+        let mut map = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(map.entry(key.clone()).or_insert(Arc::new(pipeline)).clone())
     }
+
+    /// Compiles every key of `keys` not compiled yet, on as many threads as the machine has
+    /// cores (drivers that compile on the CPU, such as lavapipe, take seconds for large
+    /// kernels); the first error is returned.
+    pub(crate) fn build_all(&self, device: &wgpu::Device, keys: Vec<PipelineKey>) -> Result<()> {
+        let mut todo: Vec<PipelineKey> = Vec::new();
+        for key in keys {
+            if self.lookup(&key).is_none() && !todo.contains(&key) {
+                todo.push(key);
+            }
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if todo.len() <= 1 || threads == 1 {
+            return todo
+                .iter()
+                .try_for_each(|k| self.build(device, k).map(drop));
+        }
+        let queue = Mutex::new(todo);
+        let next = || queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| -> Result<()> {
+                        while let Some(key) = next() {
+                            self.build(device, &key)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            workers.into_iter().try_for_each(|w| {
+                w.join().unwrap_or_else(|_| {
+                    Err(RuntimeError::Device("a kernel compile panicked".into()))
+                })
+            })
+        })
+    }
+}
+
+/// How a pipeline is named in logs and errors.
+fn label_of(key: &PipelineKey) -> String {
+    format!("{}::{} {:?}", key.family, key.entry, key.defines)
+}
+
+/// The WGSL of `key`, validated by naga (whose errors point at the WGSL line).
+fn shaders_text(key: &PipelineKey) -> Result<String> {
+    let shader_error = |message: String| RuntimeError::Shader {
+        kernel: label_of(key),
+        message,
+    };
+    let text = shaders::assemble(key.family, &key.defines)
+        .ok_or_else(|| shader_error("no such kernel family".into()))?;
+    shaders::validate(&text).map_err(shader_error)?;
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -189,6 +265,29 @@ mod tests {
         rmsnorm(&mut rec, &x, &w, &y, 1, 8, 0.0).unwrap();
         rec.submit().unwrap();
         gpu.read(&y).unwrap()
+    }
+
+    #[test]
+    fn kernels_compile_together_at_submit_and_a_bad_one_fails_where_it_is_recorded() {
+        let gpu = Gpu::new(&GpuOptions::default()).unwrap();
+        let keys: Vec<_> = [1, 2, 4, 8]
+            .into_iter()
+            .map(|wg| super::PipelineKey::new("rmsnorm", "main").define("WG", wg))
+            .collect();
+        assert!(keys.iter().all(|k| gpu.pipelines.lookup(k).is_none()));
+        gpu.pipelines
+            .build_all(&gpu.device, [keys.clone(), keys.clone()].concat())
+            .unwrap();
+        assert!(keys.iter().all(|k| gpu.pipelines.lookup(k).is_some()));
+        // A dispatch records a kernel unknown to naga's checks as an error, before any submit.
+        let mut rec = Recorder::new(&gpu);
+        let bad = super::PipelineKey::new("no_such_kernel", "main");
+        assert!(rec.dispatch(&bad, &[], &[], [1, 1, 1]).is_err());
+        let missing_define = super::PipelineKey::new("rmsnorm", "main");
+        assert!(rec.dispatch(&missing_define, &[1], &[], [1, 1, 1]).is_err());
+        assert_eq!(rec.dispatch_count(), 0);
+        // A first use compiles at submit and computes the right thing.
+        assert_eq!(norm_of_ones(&gpu), vec![1.0; 8]);
     }
 
     #[test]

@@ -51,9 +51,16 @@ impl<'a> Binding<'a> {
     }
 }
 
+/// A dispatch's kernel: compiled, or checked by naga and compiled at submit together with the
+/// others the batch needs, on all cores ([`PipelineCache::build_all`](crate::pipeline)).
+enum Kernel {
+    Ready(Arc<wgpu::ComputePipeline>),
+    Pending(PipelineKey),
+}
+
 enum Step {
     Dispatch {
-        pipeline: Arc<wgpu::ComputePipeline>,
+        kernel: Kernel,
         buffers: Vec<(wgpu::Buffer, Option<(u64, u64)>)>,
         params: Option<(u64, u64)>,
         groups: [u32; 3],
@@ -123,7 +130,13 @@ impl<'g> Recorder<'g> {
         if groups.contains(&0) {
             return Ok(());
         }
-        let pipeline = self.gpu.pipelines.get(&self.gpu.device, key)?;
+        let kernel = match self.gpu.pipelines.lookup(key) {
+            Some(pipeline) => Kernel::Ready(pipeline),
+            None => {
+                self.gpu.pipelines.check(key)?;
+                Kernel::Pending(key.clone())
+            }
+        };
         let params = if params.is_empty() {
             None
         } else {
@@ -146,7 +159,7 @@ impl<'g> Recorder<'g> {
             .map(|b| (b.buffer.clone(), b.range))
             .collect();
         self.steps.push(Step::Dispatch {
-            pipeline,
+            kernel,
             buffers,
             params,
             groups,
@@ -203,6 +216,20 @@ impl<'g> Recorder<'g> {
     pub fn submit(self) -> Result<Vec<Vec<u8>>> {
         let gpu = self.gpu;
         let device = &gpu.device;
+        let pending: Vec<PipelineKey> = self
+            .steps
+            .iter()
+            .filter_map(|step| match step {
+                Step::Dispatch {
+                    kernel: Kernel::Pending(key),
+                    ..
+                } => Some(key.clone()),
+                _ => None,
+            })
+            .collect();
+        if !pending.is_empty() {
+            gpu.pipelines.build_all(device, pending)?;
+        }
         // The arena comes from the pool and goes back after the submit: a later write to it is
         // ordered after this submission on the queue, so a decode step allocates nothing.
         let arena = if self.arena.is_empty() {
@@ -219,11 +246,20 @@ impl<'g> Recorder<'g> {
         for step in &self.steps {
             match step {
                 Step::Dispatch {
-                    pipeline,
+                    kernel,
                     buffers,
                     params,
                     groups,
                 } => {
+                    let pipeline = match kernel {
+                        Kernel::Ready(pipeline) => pipeline.clone(),
+                        Kernel::Pending(key) => gpu.pipelines.lookup(key).ok_or_else(|| {
+                            crate::error::RuntimeError::Device(format!(
+                                "kernel {} was not compiled",
+                                key.family
+                            ))
+                        })?,
+                    };
                     let mut entries = Vec::with_capacity(buffers.len() + 1);
                     if let (Some((offset, size)), Some(arena)) = (params, &arena) {
                         entries.push(wgpu::BindGroupEntry {
@@ -261,7 +297,7 @@ impl<'g> Recorder<'g> {
                             .begin_compute_pass(&Default::default())
                             .forget_lifetime()
                     });
-                    p.set_pipeline(pipeline);
+                    p.set_pipeline(&pipeline);
                     p.set_bind_group(0, &bind_group, &[]);
                     p.dispatch_workgroups(groups[0], groups[1], groups[2]);
                 }
