@@ -409,13 +409,36 @@ fn unrolled_groups(k: usize) -> u32 {
 /// else [`MATVEC_MAX_UNROLL`].
 fn max_unrolled_groups() -> usize {
     static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MAX.get_or_init(|| {
-        std::env::var("TESSERA_MATVEC_UNROLL")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(MATVEC_MAX_UNROLL)
-    })
+    *MAX.get_or_init(|| unroll_setting(std::env::var("TESSERA_MATVEC_UNROLL").ok().as_deref()))
 }
+
+/// The unrolled length a `TESSERA_MATVEC_UNROLL` value asks for, within the limit; a value
+/// that is not a number is reported and the default used.
+fn unroll_setting(value: Option<&str>) -> usize {
+    let Some(value) = value else {
+        return MATVEC_MAX_UNROLL;
+    };
+    match value.trim().parse::<usize>() {
+        Ok(groups) if groups <= MATVEC_UNROLL_LIMIT => groups,
+        Ok(_) => {
+            log::warn!(
+                "TESSERA_MATVEC_UNROLL={value}: at most {MATVEC_UNROLL_LIMIT} groups are \
+                 unrolled (longer kernels take minutes to compile)"
+            );
+            MATVEC_UNROLL_LIMIT
+        }
+        Err(_) => {
+            log::warn!(
+                "TESSERA_MATVEC_UNROLL={value} is not a number of groups of 32 (0 to \
+                 {MATVEC_UNROLL_LIMIT}): using {MATVEC_MAX_UNROLL}"
+            );
+            MATVEC_MAX_UNROLL
+        }
+    }
+}
+
+/// The most groups `TESSERA_MATVEC_UNROLL` may ask for.
+const MATVEC_UNROLL_LIMIT: usize = 128;
 
 /// The longest row, in groups of 32, that [`unrolled_groups`] unrolls by default.
 const MATVEC_MAX_UNROLL: usize = 32;
@@ -500,6 +523,17 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn the_unroll_setting_is_a_number_of_groups_within_the_limit() {
+        assert_eq!(unroll_setting(None), MATVEC_MAX_UNROLL);
+        assert_eq!(unroll_setting(Some("0")), 0);
+        assert_eq!(unroll_setting(Some(" 48 ")), 48);
+        assert_eq!(unroll_setting(Some("100000")), MATVEC_UNROLL_LIMIT);
+        for bad in ["abc", "-3", "", "1.5"] {
+            assert_eq!(unroll_setting(Some(bad)), MATVEC_MAX_UNROLL, "{bad:?}");
         }
     }
 
