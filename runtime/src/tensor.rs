@@ -604,9 +604,10 @@ impl Gpu {
         Ok(weight)
     }
 
-    /// Creates the buffers of a `[rows, cols]` weight, split into row ranges under the binding
-    /// limit (each with 8 bytes of slack: the unaligned word reads of 2-byte-aligned blocks
-    /// look one word on), and lets `fill(buffer, row_start, rows)` write each.
+    /// Creates the buffers of a `[rows, cols]` weight, rows [`DType::row_stride`] apart, split
+    /// into row ranges under the binding limit (each with 16 bytes of slack: the unaligned word
+    /// reads of 2-byte-aligned blocks look one word on), and lets `fill(buffer, row_start,
+    /// rows)` write each.
     fn weight_parts(
         &self,
         name: &str,
@@ -617,7 +618,7 @@ impl Gpu {
         mut fill: impl FnMut(&wgpu::Buffer, usize, usize) -> Result<()>,
     ) -> Result<Weight> {
         let row_bytes = dtype.row_stride(cols)?;
-        let limit = self.max_binding_size().saturating_sub(8) as usize;
+        let limit = (self.max_binding_size() / 16 * 16).saturating_sub(16) as usize;
         let rows_per_part = (limit / row_bytes.max(1)).max(1);
         if row_bytes > limit {
             return Err(RuntimeError::BufferTooLarge {
@@ -631,7 +632,7 @@ impl Gpu {
         while row_start < rows {
             let n = rows_per_part.min(rows - row_start);
             // Whole 16-byte words, which kernels may read the weight as.
-            let size = ((n * row_bytes) as u64 + 8).div_ceil(16) * 16;
+            let size = (n * row_bytes) as u64 + 16;
             let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(name),
                 size,
