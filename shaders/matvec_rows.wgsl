@@ -17,6 +17,13 @@
 // position embedding rotates together, and the lane rotates them for position `pos` before it
 // stores them (GGML's layouts: adjacent pairs, or NeoX's halves; see `rope.wgsl`), which saves
 // the separate RoPE dispatch. Its workgroups cover LANES pairs each.
+//
+// With QKV = 1 the attention's three projections run as one: W binds the query rows, then the
+// key rows from byte `k_base` and the value rows from byte `v_base` of the same buffer (see the
+// runtime's `join_weights`). Lanes take pairs of rows in that order: query and key pairs are
+// rotated as with ROPE = 1 (their heads share the parameters), value pairs are adjacent rows.
+// Keys and values land in `y_k` and `y_v` (the caches) through `store_kv`, which the runtime
+// declares with them (`QKV_OUTPUTS`).
 
 struct Params {
     n: u32,          // rows in this part of W
@@ -37,6 +44,12 @@ struct Params {
     pos: u32,        // position of the token
     base: f32,       // frequency base
     w_offset: u32,   // byte of each row of W where this dispatch's columns start (x's window)
+    // QKV only:
+    kv_n: u32,       // rows of the key projection, and of the value one
+    k_base: u32,     // byte of the binding where the key rows start
+    v_base: u32,     // byte where the value rows start
+    k_y_offset: u32, // element offset of the keys' first row in y_k
+    v_y_offset: u32, // element offset of the values' first row in y_v
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -201,19 +214,43 @@ fn main(
     // ROPE: pair i of a head; pairs past n_rot / 2 are adjacent and not rotated.
     var i = 0u;
     var rotated = false;
-    if (ROPE == 1u) {
-        let pair = (wid.x + wid.y * nwg.x) * LANES + lid;
+    // QKV: the projection of the lane's pair (0 query, 1 key, 2 value), and whether the pair
+    // is one of them (lanes past the last value pair read the first and store nothing).
+    var seg = 0u;
+    var live = true;
+    if (ROPE == 1u || QKV == 1u) {
+        var pair = (wid.x + wid.y * nwg.x) * LANES + lid;
+        var base = 0u;
+        var rows = p.n;
+        if (QKV == 1u) {
+            let q_pairs = p.n / 2u;
+            let kv_pairs = p.kv_n / 2u;
+            if (pair >= q_pairs + kv_pairs) {
+                seg = 2u;
+                live = pair < q_pairs + 2u * kv_pairs;
+                pair = select(0u, pair - q_pairs - kv_pairs, live);
+                base = p.v_base;
+            } else if (pair >= q_pairs) {
+                seg = 1u;
+                pair -= q_pairs;
+                base = p.k_base;
+            }
+            rows = select(p.n, p.kv_n, seg > 0u);
+        }
         let half_head = p.head_dim / 2u;
         i = pair % half_head;
-        rotated = i < p.n_rot / 2u;
+        rotated = i < p.n_rot / 2u && seg < 2u;
         n0 = (pair / half_head) * p.head_dim + 2u * i;
         n1 = n0 + 1u;
-        if (rotated && p.neox == 1u) {
+        if (seg == 2u) {
+            n0 = 2u * pair;
+            n1 = n0 + 1u;
+        } else if (rotated && p.neox == 1u) {
             n0 = (pair / half_head) * p.head_dim + i;
             n1 = n0 + p.n_rot / 2u;
         }
-        row0 = min(n0, p.n - 1u) * p.row_bytes;
-        row1 = min(n1, p.n - 1u) * p.row_bytes;
+        row0 = base + min(n0, rows - 1u) * p.row_bytes;
+        row1 = base + min(n1, rows - 1u) * p.row_bytes;
     }
     row0 += p.w_offset;
     row1 += p.w_offset;
@@ -238,7 +275,7 @@ fn main(
     }
     if (SWIGLU == 1u) {
         store(n0, acc0 / (1.0 + exp(-acc0)) * acc1);
-    } else if (ROPE == 1u) {
+    } else if (ROPE == 1u || QKV == 1u) {
         var out0 = acc0;
         var out1 = acc1;
         if (rotated) {
@@ -248,8 +285,13 @@ fn main(
             out0 = acc0 * c - acc1 * s;
             out1 = acc0 * s + acc1 * c;
         }
-        store(n0, out0);
-        store(n1, out1);
+        if (seg == 0u) {
+            store(n0, out0);
+            store(n1, out1);
+        } else if (live) {
+            store_kv(seg, n0, out0);
+            store_kv(seg, n1, out1);
+        }
     } else {
         store(n0, acc0);
         store(n1, acc1);

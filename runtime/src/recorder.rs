@@ -49,6 +49,14 @@ impl<'a> Binding<'a> {
             ..t.into()
         }
     }
+
+    /// `size` bytes of a buffer from byte `offset`.
+    pub fn buffer_range(buffer: &'a wgpu::Buffer, offset: u64, size: u64) -> Self {
+        Binding {
+            range: Some((offset, size)),
+            ..buffer.into()
+        }
+    }
 }
 
 /// A dispatch's kernel: compiled, or checked by naga and compiled at submit together with the

@@ -180,6 +180,13 @@ pub fn assemble(family: &str, defines: &[(&'static str, u32)]) -> Option<String>
         })?);
         text.push('\n');
     }
+    if family == "matvec_rows" {
+        text.push_str(if defines.contains(&("QKV", 1)) {
+            QKV_OUTPUTS
+        } else {
+            NO_QKV_OUTPUTS
+        });
+    }
     match defines.iter().find(|(name, _)| *name == "UNROLL") {
         Some(&(_, groups)) if groups > 0 => text.push_str(&unroll_groups(&body, groups)),
         _ => text.push_str(&body),
@@ -237,6 +244,27 @@ fn wload4_second(i: u32) -> vec4<u32> {
 }
 ";
 
+/// The key and value outputs of `matvec_rows` with QKV = 1 (the caches) and `store_kv(seg, n,
+/// value)`, which writes row n of the keys (seg 1) or values (seg 2). Declared only there, so
+/// that the other specialisations bind no more than they use.
+const QKV_OUTPUTS: &str = "@group(0) @binding(4) var<storage, read_write> y_k: array<f32>;
+@group(0) @binding(5) var<storage, read_write> y_v: array<f32>;
+fn store_kv(seg: u32, n: u32, value: f32) {
+    if (n >= p.kv_n) {
+        return;
+    }
+    if (seg == 1u) {
+        y_k[p.k_y_offset + n] = value;
+    } else {
+        y_v[p.v_y_offset + n] = value;
+    }
+}
+";
+
+/// `store_kv` where there are no key and value outputs: never called.
+const NO_QKV_OUTPUTS: &str = "fn store_kv(seg: u32, n: u32, value: f32) {}
+";
+
 /// Parses and validates WGSL with naga, returning a readable error.
 pub fn validate(text: &str) -> Result<naga::Module, String> {
     let module = naga::front::wgsl::parse_str(text).map_err(|e| e.emit_to_string(text))?;
@@ -284,12 +312,20 @@ mod tests {
                         all.push(("linear_rows_ux", d));
                     }
                     // A loop over the row's groups, and the row's 3 groups unrolled.
-                    for (swiglu, rope, unroll) in [(0, 0, 0), (1, 0, 0), (0, 1, 3), (1, 0, 3)] {
+                    for (swiglu, rope, qkv, unroll) in [
+                        (0, 0, 0, 0),
+                        (1, 0, 0, 0),
+                        (0, 1, 0, 3),
+                        (1, 0, 0, 3),
+                        (0, 0, 1, 0),
+                        (0, 0, 1, 3),
+                    ] {
                         let mut d = defines.clone();
                         d.extend([
                             ("XV", 96),
                             ("SWIGLU", swiglu),
                             ("ROPE", rope),
+                            ("QKV", qkv),
                             ("LANES", 16),
                             ("UNROLL", unroll),
                         ]);

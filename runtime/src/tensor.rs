@@ -398,11 +398,23 @@ impl Tensor {
 /// Alignment of each weight row on the device, in bytes ([`DType::row_stride`]).
 pub const WEIGHT_ROW_ALIGN: usize = 16;
 
-/// One row range of a weight, in its own buffer.
+/// One row range of a weight: its rows from byte `offset` of a buffer, which it has to itself
+/// or shares with other weights laid out after it ([`Gpu::join_weights`]).
 pub struct WeightPart {
     pub(crate) buffer: wgpu::Buffer,
+    /// Byte of the buffer where the part's first row starts.
+    pub(crate) offset: u64,
     pub row_start: usize,
     pub rows: usize,
+}
+
+impl WeightPart {
+    /// The part's binding, for a weight of rows `row_stride` bytes apart: its rows and the 16
+    /// bytes of slack after them, which kernels may read.
+    pub(crate) fn binding(&self, row_stride: usize) -> Binding<'_> {
+        let size = (self.rows * row_stride) as u64 + 16;
+        Binding::buffer_range(&self.buffer, self.offset, size)
+    }
 }
 
 /// A 2-D weight `[rows, cols]` (GGML's ne = [cols, rows]) kept in its block layout.
@@ -419,6 +431,28 @@ impl Weight {
     /// Bytes of the weight on the device.
     pub fn bytes(&self) -> usize {
         self.rows * self.dtype.row_bytes(self.cols).unwrap_or(0)
+    }
+
+    /// Where `others` follow this weight in one buffer ([`Gpu::join_weights`]): the byte offset
+    /// of each from this one's first row. `None` where any is not a single part of that buffer
+    /// after this weight, or the types or row strides differ.
+    pub(crate) fn followers(&self, others: &[&Weight]) -> Option<Vec<u64>> {
+        let [first] = self.parts.as_slice() else {
+            return None;
+        };
+        others
+            .iter()
+            .map(|w| match w.parts.as_slice() {
+                [part]
+                    if part.buffer == first.buffer
+                        && part.offset > first.offset
+                        && (w.dtype, w.row_stride) == (self.dtype, self.row_stride) =>
+                {
+                    Some(part.offset - first.offset)
+                }
+                _ => None,
+            })
+            .collect()
     }
 }
 
@@ -604,6 +638,60 @@ impl Gpu {
         Ok(weight)
     }
 
+    /// Moves weights of one type and row length into one buffer, one after another (each from
+    /// an offset the device can bind storage at), so that one kernel can read them all through
+    /// one binding: the decode mat-vec of Q, K and V on CPU devices
+    /// ([`linear_qkv`](crate::ops::linear_qkv)). Weights that are not one part each, differ in
+    /// type or row length, or would not fit one binding together are returned as they were.
+    pub fn join_weights(&self, name: &str, weights: Vec<Weight>) -> Result<Vec<Weight>> {
+        let Some(first) = weights.first() else {
+            return Ok(weights);
+        };
+        let kind = (first.dtype, first.cols, first.row_stride);
+        let alike = weights
+            .iter()
+            .all(|w| w.parts.len() == 1 && (w.dtype, w.cols, w.row_stride) == kind);
+        let align = (self.limits().min_storage_buffer_offset_alignment as u64).max(16);
+        let mut offsets = Vec::with_capacity(weights.len());
+        let mut end = 0;
+        for w in &weights {
+            let start = u64::div_ceil(end, align) * align;
+            offsets.push(start);
+            end = start + (w.rows * w.row_stride) as u64;
+        }
+        // The slack after the last rows, as every part has.
+        let size = end + 16;
+        if !alike || weights.len() < 2 || size > self.max_binding_size() {
+            return Ok(weights);
+        }
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(name),
+            size,
+            usage: STORAGE,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        for (w, &at) in weights.iter().zip(&offsets) {
+            let part = &w.parts[0];
+            let len = (w.rows * w.row_stride) as u64;
+            encoder.copy_buffer_to_buffer(&part.buffer, part.offset, &buffer, at, len);
+        }
+        self.queue.submit([encoder.finish()]);
+        Ok(weights
+            .into_iter()
+            .zip(offsets)
+            .map(|(w, offset)| Weight {
+                parts: vec![WeightPart {
+                    buffer: buffer.clone(),
+                    offset,
+                    row_start: 0,
+                    rows: w.rows,
+                }],
+                ..w
+            })
+            .collect())
+    }
+
     /// Creates the buffers of a `[rows, cols]` weight, rows [`DType::row_stride`] apart, split
     /// into row ranges under the binding limit (each with 16 bytes of slack: the unaligned word
     /// reads of 2-byte-aligned blocks look one word on), and lets `fill(buffer, row_start,
@@ -642,6 +730,7 @@ impl Gpu {
             fill(&buffer, row_start, n)?;
             parts.push(WeightPart {
                 buffer,
+                offset: 0,
                 row_start,
                 rows: n,
             });
@@ -785,7 +874,7 @@ mod tests {
             let mut bytes = Vec::new();
             for part in &w.parts {
                 let len = (part.rows * w.row_stride) as u64;
-                let padded = gpu.read_bytes(&part.buffer, 0, len).unwrap();
+                let padded = gpu.read_bytes(&part.buffer, part.offset, len).unwrap();
                 let got: Vec<u8> = padded
                     .chunks_exact(w.row_stride)
                     .flat_map(|row| row[..row_bytes].iter().copied())

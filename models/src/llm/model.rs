@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use tessera_runtime::io::gguf::GgufFile;
-use tessera_runtime::ops::{self, AttentionParams, LinearOut, RopeParams};
-use tessera_runtime::{dequantize_row, DType, Gpu, Recorder, Tensor, Weight};
+use tessera_runtime::ops::{self, AttentionParams, LinearOut, Projection, RopeParams};
+use tessera_runtime::{dequantize_row, DType, Gpu, KernelLayout, Recorder, Tensor, Weight};
 
 use crate::llm::observe::{Observations, ObserveOptions, Observer, Pending, Site};
 use crate::llm::{LlamaConfig, LlmError};
@@ -227,11 +227,22 @@ impl LlamaModel {
         for i in 0..c.n_layer {
             let name = |s: &str| format!("blk.{i}.{s}.weight");
             let weight = |s: &str, rows, cols| source.weight(&gpu, &name(s), rows, cols);
+            let mut qkv = vec![
+                weight("attn_q", dq, d)?,
+                weight("attn_k", dkv, d)?,
+                weight("attn_v", dkv, d)?,
+            ];
+            // On CPU devices one kernel projects a decoded token's Q, K and V, from one buffer.
+            if gpu.kernel_layout() == KernelLayout::LanePerRow {
+                qkv = gpu.join_weights(&name("attn_qkv"), qkv)?;
+            }
+            let [attn_q, attn_k, attn_v] = <[Weight; 3]>::try_from(qkv)
+                .map_err(|_| LlmError::BadConfig("attention weights lost in joining".into()))?;
             layers.push(Layer {
                 attn_norm: source.vector(&gpu, &name("attn_norm"), d)?,
-                attn_q: weight("attn_q", dq, d)?,
-                attn_k: weight("attn_k", dkv, d)?,
-                attn_v: weight("attn_v", dkv, d)?,
+                attn_q,
+                attn_k,
+                attn_v,
                 attn_output: weight("attn_output", d, dq)?,
                 ffn_norm: source.vector(&gpu, &name("ffn_norm"), d)?,
                 ffn_gate: weight("ffn_gate", ff, d)?,
@@ -609,17 +620,25 @@ impl<'m> Session<'m> {
             ops::rmsnorm(rec, &s.x, &layer.attn_norm, &s.xn, n, d, c.rms_eps)?;
             observe(rec, l, Site::AttnNorm, &s.xn)?;
             let (q_rope, k_rope) = (rope(c.n_head, 0, dq), rope(c.n_head_kv, pos0 * dkv, dkv));
-            ops::linear_rope(
-                rec,
-                &layer.attn_q,
-                &s.xn,
-                n,
-                &s.q,
-                LinearOut::dense(dq),
-                &q_rope,
-            )?;
-            ops::linear_rope(rec, &layer.attn_k, &s.xn, n, kc, to_cache, &k_rope)?;
-            ops::linear(rec, &layer.attn_v, &s.xn, n, vc, to_cache)?;
+            let q = Projection {
+                w: &layer.attn_q,
+                y: &s.q,
+                out: LinearOut::dense(dq),
+                rope: Some(&q_rope),
+            };
+            let k = Projection {
+                w: &layer.attn_k,
+                y: kc,
+                out: to_cache,
+                rope: Some(&k_rope),
+            };
+            let v = Projection {
+                w: &layer.attn_v,
+                y: vc,
+                out: to_cache,
+                rope: None,
+            };
+            ops::linear_qkv(rec, &s.xn, n, q, k, v)?;
             ops::attention(rec, &s.q, kc, vc, &s.attn, &attention)?;
             observe(rec, l, Site::Attention, &s.attn)?;
             ops::linear(rec, &layer.attn_output, &s.attn, n, &s.x, residual)?;

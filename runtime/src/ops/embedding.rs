@@ -36,7 +36,7 @@ pub fn embedding(
         rec.dispatch(
             &key,
             &params,
-            &[(&part.buffer).into(), ids.bind(), out.bind()],
+            &[part.binding(w.row_stride), ids.bind(), out.bind()],
             [groups, n as u32, 1],
         )?;
     }

@@ -81,7 +81,7 @@ pub fn linear(
                 .define("BLOCK_BYTES", w.dtype.wgsl_block_bytes())
         };
         let mut params = kernel_params(part, k, row_bytes, out);
-        let buffers = [(&part.buffer).into(), x.bind(), y.bind()];
+        let buffers = [part.binding(w.row_stride), x.bind(), y.bind()];
         let rows_layout = rec.gpu().kernel_layout() == KernelLayout::LanePerRow
             && k.is_multiple_of(4)
             && out.x_offset.is_multiple_of(4);
@@ -178,13 +178,13 @@ fn linear_rows(
                 // The kernel indexes x from the start of the bound range.
                 params[8] = 0;
                 params[9] = rows as u32;
-                let bindings = [(&part.buffer).into(), x_range, y.bind()];
+                let bindings = [part.binding(w.row_stride), x_range, y.bind()];
                 rec.dispatch(&key, &params, &bindings, groups(rows))?;
             }
             Ok(())
         }
         _ => {
-            let buffers = [(&part.buffer).into(), x.bind(), y.bind()];
+            let buffers = [part.binding(w.row_stride), x.bind(), y.bind()];
             rec.dispatch(&defines("linear_rows"), &params, &buffers, groups(m))
         }
     }
@@ -342,6 +342,7 @@ fn matvec_part(
             .define("XV", (len / 4) as u32)
             .define("SWIGLU", fusion.up.is_some() as u32)
             .define("ROPE", fusion.rope.is_some() as u32)
+            .define("QKV", 0)
             .define("LANES", MATVEC_LANES)
             .define("UNROLL", unrolled_groups(len));
         // Windows after the first add into y.
@@ -362,14 +363,144 @@ fn matvec_part(
             ],
             None => [0; 5],
         });
-        // The window's first byte in each row of W.
+        // The window's first byte in each row of W; no key and value projections.
         params.push((start / 32) as u32 * w.dtype.wgsl_block_bytes());
-        let mut bindings = vec![(&part.buffer).into(), x_range, y.bind()];
+        params.extend([0; 5]);
+        let mut bindings = vec![part.binding(w.row_stride), x_range, y.bind()];
         if let Some(up) = fusion.up {
-            bindings.push((&up.parts[0].buffer).into());
+            bindings.push(up.parts[0].binding(up.row_stride));
         }
         rec.dispatch(&key, &params, &bindings, groups)?;
     }
+    Ok(true)
+}
+
+/// One of attention's projections for [`linear_qkv`]: its weight, where it writes, and for
+/// queries and keys the rotation of the result.
+#[derive(Clone, Copy)]
+pub struct Projection<'a> {
+    pub w: &'a Weight,
+    pub y: &'a Tensor,
+    pub out: LinearOut,
+    pub rope: Option<&'a RopeParams>,
+}
+
+impl Projection<'_> {
+    /// Records this projection of the `m` rows of x on its own.
+    fn record(&self, rec: &mut Recorder, x: &Tensor, m: usize) -> Result<()> {
+        match self.rope {
+            Some(rope) => linear_rope(rec, self.w, x, m, self.y, self.out, rope),
+            None => linear(rec, self.w, x, m, self.y, self.out),
+        }
+    }
+}
+
+/// Records attention's query, key and value projections of the `m` rows of x, the query and
+/// key ones rotated: in one dispatch where [`matvec_qkv`] takes them (one row, on CPU devices,
+/// the weights joined by [`Gpu::join_weights`]), else one projection after another.
+pub fn linear_qkv(
+    rec: &mut Recorder,
+    x: &Tensor,
+    m: usize,
+    q: Projection,
+    k: Projection,
+    v: Projection,
+) -> Result<()> {
+    if m == 1 && matvec_qkv(rec, x, q, k, v)? {
+        return Ok(());
+    }
+    for p in [q, k, v] {
+        p.record(rec, x, m)?;
+    }
+    Ok(())
+}
+
+/// Records the query, key and value projections of one row of x in one dispatch of
+/// `matvec_rows.wgsl` (QKV = 1), where the device and weights allow it: the lane-per-row layout;
+/// K and V after Q in Q's buffer, of Q's type (32-element blocks) and row length, which x binds
+/// whole as uniform; queries and keys rotated alike for one token (only the number of heads
+/// may differ); values not rotated; no accumulation. Returns `false`, recording nothing,
+/// otherwise.
+pub fn matvec_qkv(
+    rec: &mut Recorder,
+    x: &Tensor,
+    q: Projection,
+    k: Projection,
+    v: Projection,
+) -> Result<bool> {
+    let (Some(qr), Some(kr), None) = (q.rope, k.rope, v.rope) else {
+        return Ok(false);
+    };
+    let Some(&[k_base, v_base]) = q.w.followers(&[k.w, v.w]).as_deref() else {
+        return Ok(false);
+    };
+    let cols = q.w.cols;
+    let same_rotation = (qr.head_dim, qr.n_rot, qr.layout, qr.base.to_bits(), qr.pos0)
+        == (kr.head_dim, kr.n_rot, kr.layout, kr.base.to_bits(), kr.pos0);
+    let kv_rows = k.w.rows;
+    let fits = rec.gpu().kernel_layout() == KernelLayout::LanePerRow
+        && q.w.dtype.block_size() != 256
+        && cols.is_multiple_of(4)
+        && (k.w.cols, v.w.cols, v.w.rows) == (cols, cols, kv_rows)
+        && same_rotation
+        && (qr.tokens, kr.tokens) == (1, 1)
+        && qr.head_dim.is_multiple_of(2)
+        && qr.n_rot.is_multiple_of(2)
+        && qr.n_rot > 0
+        && qr.n_rot <= qr.head_dim
+        && q.w.rows == qr.heads * qr.head_dim
+        && kv_rows == kr.heads * kr.head_dim
+        && [q.out, k.out, v.out].iter().all(|o| !o.accumulate)
+        && u32::try_from(v_base).is_ok();
+    if !fits {
+        return Ok(false);
+    }
+    let Some(x_range) = uniform_x(rec, x, q.out.x_offset, cols) else {
+        return Ok(false);
+    };
+    check_len(
+        "the query projection's output",
+        q.y,
+        q.out.offset + q.w.rows,
+    )?;
+    check_len("the key projection's output", k.y, k.out.offset + kv_rows)?;
+    check_len("the value projection's output", v.y, v.out.offset + kv_rows)?;
+    let part = &q.w.parts[0];
+    let row_bytes = q.w.row_stride;
+    let key = PipelineKey::new("matvec_rows", "main")
+        .define("WTYPE", q.w.dtype.ggml_id())
+        .define("BLOCK_BYTES", q.w.dtype.wgsl_block_bytes())
+        .define("XV", (cols / 4) as u32)
+        .define("SWIGLU", 0)
+        .define("ROPE", 0)
+        .define("QKV", 1)
+        .define("LANES", MATVEC_LANES)
+        .define("UNROLL", unrolled_groups(cols));
+    let mut params = kernel_params(part, cols, row_bytes as u32, q.out);
+    params.extend([1, 0]);
+    params.extend([
+        qr.head_dim as u32,
+        qr.n_rot as u32,
+        (qr.layout == RopeLayout::Neox) as u32,
+        qr.pos0 as u32,
+        qr.base.to_bits(),
+        0,
+    ]);
+    params.extend([
+        kv_rows as u32,
+        k_base as u32,
+        v_base as u32,
+        k.out.offset as u32,
+        v.out.offset as u32,
+    ]);
+    // The three weights as one binding, from Q's first row to the slack after V's last.
+    let span = v_base + (kv_rows * row_bytes) as u64 + 16;
+    let weights = Binding::buffer_range(&part.buffer, part.offset, span);
+    let bindings = [weights, x_range, q.y.bind(), k.y.bind(), v.y.bind()];
+    // A lane for each pair of rows: query and key pairs, then value pairs.
+    let lanes = ((q.w.rows + 2 * kv_rows) / 2) as u32;
+    let groups = split_groups(rec.gpu(), lanes.div_ceil(MATVEC_LANES), 1);
+    rec.dispatch(&key, &params, &bindings, groups)?;
     Ok(true)
 }
 
@@ -710,6 +841,115 @@ mod tests {
         };
         assert!(!matvec_fused(&mut rec, &q, &x, &y, LinearOut::dense(4), fusion).unwrap());
         assert_eq!(rec.dispatch_count(), 0);
+    }
+
+    /// Query, key and value projections of weights `w` into `y`, the keys and values at `cache`.
+    fn projections<'a>(
+        w: &'a [Weight; 3],
+        y: &'a [Tensor; 3],
+        cache: LinearOut,
+        [q_rope, k_rope]: [&'a RopeParams; 2],
+    ) -> (Projection<'a>, Projection<'a>, Projection<'a>) {
+        let q = Projection {
+            w: &w[0],
+            y: &y[0],
+            out: LinearOut::dense(w[0].rows),
+            rope: Some(q_rope),
+        };
+        let k = Projection {
+            w: &w[1],
+            y: &y[1],
+            out: cache,
+            rope: Some(k_rope),
+        };
+        let v = Projection {
+            w: &w[2],
+            y: &y[2],
+            out: cache,
+            rope: None,
+        };
+        (q, k, v)
+    }
+
+    #[test]
+    fn fused_qkv_matches_the_three_projections() {
+        // The fused kernel is the lane-per-row layout's.
+        let gpu = gpus()[1];
+        for (dtype, q_heads, kv_heads, head_dim, n_rot, layout, k) in [
+            (DType::Q4_1, 9, 3, 8, 8, RopeLayout::Normal, 96),
+            (DType::Q8_0, 4, 1, 12, 8, RopeLayout::Neox, 64),
+            (DType::Q4_0, 2, 2, 64, 64, RopeLayout::Neox, 32),
+            (DType::IQ4_NL, 3, 1, 6, 4, RopeLayout::Normal, 160),
+            (DType::F16, 5, 1, 6, 4, RopeLayout::Normal, 12),
+        ] {
+            let (nq, nkv) = (q_heads * head_dim, kv_heads * head_dim);
+            let upload = |name, rows, seed| {
+                let bytes = random_weight(dtype, rows, k, seed);
+                gpu.upload_weight(name, dtype, rows, k, &bytes).unwrap()
+            };
+            let alone = [upload("q", nq, 1), upload("k", nkv, 2), upload("v", nkv, 3)];
+            let joined = [upload("q", nq, 1), upload("k", nkv, 2), upload("v", nkv, 3)];
+            let joined: [Weight; 3] = gpu
+                .join_weights("qkv", joined.into())
+                .unwrap()
+                .try_into()
+                .ok()
+                .unwrap();
+            let x = gpu.tensor_from(&[k], &random_f32(k, 4)).unwrap();
+            // Keys and values go to row 2 of their caches, as for position 2.
+            let cache = LinearOut {
+                x_offset: 0,
+                offset: 2 * nkv,
+                stride: nkv,
+                accumulate: false,
+            };
+            let rope = |heads, offset, stride| RopeParams {
+                heads,
+                head_dim,
+                n_rot,
+                layout,
+                base: 10000.0,
+                pos0: 2,
+                tokens: 1,
+                offset,
+                stride,
+            };
+            let (q_rope, k_rope) = (rope(q_heads, 0, nq), rope(kv_heads, 2 * nkv, nkv));
+            let outputs = || {
+                let t = |len| gpu.tensor_from(&[len], &vec![0.5; len]).unwrap();
+                [t(nq), t(3 * nkv), t(3 * nkv)]
+            };
+            let (want, got) = (outputs(), outputs());
+            let mut rec = Recorder::new(gpu);
+            let (q, k_, v) = projections(&alone, &want, cache, [&q_rope, &k_rope]);
+            assert!(
+                !matvec_qkv(&mut rec, &x, q, k_, v).unwrap(),
+                "weights in their own buffers cannot run as one"
+            );
+            linear_qkv(&mut rec, &x, 1, q, k_, v).unwrap();
+            let unfused = rec.dispatch_count();
+            let (q, k_, v) = projections(&joined, &got, cache, [&q_rope, &k_rope]);
+            linear_qkv(&mut rec, &x, 1, q, k_, v).unwrap();
+            assert_eq!(
+                rec.dispatch_count(),
+                unfused + 1,
+                "{dtype:?}: not one dispatch"
+            );
+            rec.submit().unwrap();
+            for (i, what) in ["queries", "keys", "values"].iter().enumerate() {
+                let (want, got) = (gpu.read(&want[i]).unwrap(), gpu.read(&got[i]).unwrap());
+                let start = if i == 0 { 0 } else { 2 * nkv };
+                assert!(
+                    got[..start].iter().all(|&v| v == 0.5),
+                    "{dtype:?} {what}: rows before the cache position written"
+                );
+                let err = max_rel_err(&got[start..], &want[start..]);
+                assert!(
+                    err < 1e-5,
+                    "{dtype:?} {layout:?} {what}: fused differs by {err}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -19,7 +19,8 @@ pub use attention::{attention, AttentionParams};
 pub use elementwise::{add, fill, swiglu};
 pub use embedding::embedding;
 pub use linear::{
-    gate_up_swiglu, linear, linear_rope, linear_swiglu, matvec_fused, Fusion, LinearOut,
+    gate_up_swiglu, linear, linear_qkv, linear_rope, linear_swiglu, matvec_fused, matvec_qkv,
+    Fusion, LinearOut, Projection,
 };
 pub use rmsnorm::rmsnorm;
 pub use rope::{rope, RopeLayout, RopeParams};
