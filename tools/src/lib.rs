@@ -525,8 +525,8 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
     // The summary is best effort: a closed stderr must not fail a finished generation.
     let _ = writeln!(
         std::io::stderr(),
-        "\n{} prompt tokens, {} generated ({:?}); prefill {:.1} tokens/s, decode {:.1} tokens/s; \
-         device: {} ({}); {} (model loaded in {:.2} s)",
+        "\n{} prompt tokens, {} generated (stopped: {}); prefill {:.1} tokens/s (with any kernel \
+         compiling), decode {:.1} tokens/s; device: {} ({}); {} (model loaded in {:.2} s)",
         stats.prompt_tokens,
         stats.generated.len(),
         stats.stop,

@@ -20,6 +20,17 @@ pub enum StopReason {
     Cancelled,
 }
 
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopReason::Budget => "the token budget (-n) was reached",
+            StopReason::EndOfGeneration => "the model ended its answer",
+            StopReason::ContextFull => "the context is full",
+            StopReason::Cancelled => "cancelled",
+        })
+    }
+}
+
 /// Counts and timings of one generation.
 #[derive(Clone, Debug)]
 pub struct GenerateStats {
