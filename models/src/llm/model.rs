@@ -233,7 +233,9 @@ impl LlamaModel {
                 weight("attn_v", dkv, d)?,
             ];
             // On CPU devices one kernel projects a decoded token's Q, K and V, from one buffer.
-            if gpu.kernel_layout() == KernelLayout::LanePerRow {
+            if gpu.kernel_layout() == KernelLayout::LanePerRow
+                && qkv.iter().all(|w| w.dtype.block_size() != 256)
+            {
                 qkv = gpu.join_weights(&name("attn_qkv"), qkv)?;
             }
             let [attn_q, attn_k, attn_v] = <[Weight; 3]>::try_from(qkv)

@@ -451,6 +451,10 @@ pub fn matvec_qkv(
         && q.w.rows == qr.heads * qr.head_dim
         && kv_rows == kr.heads * kr.head_dim
         && [q.out, k.out, v.out].iter().all(|o| !o.accumulate)
+        && (k.out.x_offset, v.out.x_offset) == (q.out.x_offset, q.out.x_offset)
+        // Q's rows, then K's, then V's, so that one binding from Q covers all three.
+        && k_base >= (q.w.rows * q.w.row_stride) as u64
+        && k_base + (kv_rows * q.w.row_stride) as u64 <= v_base
         && u32::try_from(v_base).is_ok();
     if !fits {
         return Ok(false);
@@ -881,6 +885,8 @@ mod tests {
             (DType::Q4_0, 2, 2, 64, 64, RopeLayout::Neox, 32),
             (DType::IQ4_NL, 3, 1, 6, 4, RopeLayout::Normal, 160),
             (DType::F16, 5, 1, 6, 4, RopeLayout::Normal, 12),
+            // Rows longer than the unrolled length: the kernel's loop over groups.
+            (DType::Q8_0, 2, 1, 16, 16, RopeLayout::Neox, 1088),
         ] {
             let (nq, nkv) = (q_heads * head_dim, kv_heads * head_dim);
             let upload = |name, rows, seed| {
@@ -921,6 +927,18 @@ mod tests {
             };
             let (want, got) = (outputs(), outputs());
             let mut rec = Recorder::new(gpu);
+            let (q, k_, v) = projections(&joined, &got, cache, [&q_rope, &k_rope]);
+            let (k_swapped, v_swapped) = (
+                Projection {
+                    w: &joined[2],
+                    ..k_
+                },
+                Projection { w: &joined[1], ..v },
+            );
+            assert!(
+                !matvec_qkv(&mut rec, &x, q, k_swapped, v_swapped).unwrap(),
+                "keys after values cannot run as one"
+            );
             let (q, k_, v) = projections(&alone, &want, cache, [&q_rope, &k_rope]);
             assert!(
                 !matvec_qkv(&mut rec, &x, q, k_, v).unwrap(),
