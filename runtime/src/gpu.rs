@@ -106,6 +106,18 @@ impl FromStr for KernelLayout {
     }
 }
 
+/// The layout a `TESSERA_KERNELS` value asks for; a value that names none is reported, and the
+/// device's own layout runs.
+fn layout_setting(value: Option<&str>) -> Option<KernelLayout> {
+    match value?.trim().parse() {
+        Ok(layout) => Some(layout),
+        Err(e) => {
+            log::warn!("TESSERA_KERNELS: {e}; the device's own layout runs");
+            None
+        }
+    }
+}
+
 /// Options for opening a device.
 #[derive(Clone, Debug, Default)]
 pub struct GpuOptions {
@@ -321,9 +333,7 @@ impl Gpu {
         let max_binding = options
             .max_binding_override
             .map_or(adapter_max, |o| o.min(adapter_max));
-        let env_layout = std::env::var("TESSERA_KERNELS")
-            .ok()
-            .and_then(|s| s.parse().ok());
+        let env_layout = layout_setting(std::env::var("TESSERA_KERNELS").ok().as_deref());
         let layout = options
             .layout
             .or(env_layout)
@@ -423,6 +433,17 @@ impl Drop for Gpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kernels_setting_names_a_layout_or_none() {
+        assert_eq!(layout_setting(None), None);
+        assert_eq!(layout_setting(Some("rows")), Some(KernelLayout::LanePerRow));
+        assert_eq!(
+            layout_setting(Some(" cooperative ")),
+            Some(KernelLayout::Cooperative)
+        );
+        assert_eq!(layout_setting(Some("lanes")), None);
+    }
 
     #[test]
     fn selector_parses_auto_index_and_name() {
