@@ -237,15 +237,13 @@ fn main(
             }
             rows = select(p.n, p.kv_n, seg > 0u);
         }
+        // Pairs not rotated (values too) are adjacent rows: n0 = 2 pair.
         let half_head = p.head_dim / 2u;
         i = pair % half_head;
         rotated = i < p.n_rot / 2u && seg < 2u;
         n0 = (pair / half_head) * p.head_dim + 2u * i;
         n1 = n0 + 1u;
-        if (seg == 2u) {
-            n0 = 2u * pair;
-            n1 = n0 + 1u;
-        } else if (rotated && p.neox == 1u) {
+        if (rotated && p.neox == 1u) {
             n0 = (pair / half_head) * p.head_dim + i;
             n1 = n0 + p.n_rot / 2u;
         }

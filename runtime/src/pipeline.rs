@@ -157,13 +157,24 @@ impl PipelineCache {
     /// Checks the WGSL of `key` with naga (once per key), so that a kernel's error shows where
     /// its dispatch is recorded even when the driver compiles it later ([`Self::build_all`]).
     pub(crate) fn check(&self, key: &PipelineKey) -> Result<()> {
+        self.text(key).map(drop)
+    }
+
+    /// The WGSL of `key`, validated by naga the first time it is asked for (whose errors point
+    /// at the WGSL line); later only assembled.
+    fn text(&self, key: &PipelineKey) -> Result<String> {
+        let shader_error = |message: String| RuntimeError::Shader {
+            kernel: label_of(key),
+            message,
+        };
+        let text = shaders::assemble(key.family, &key.defines)
+            .ok_or_else(|| shader_error("no such kernel family".into()))?;
         let mut checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
-        if checked.contains(key) {
-            return Ok(());
+        if !checked.contains(key) {
+            shaders::validate(&text).map_err(shader_error)?;
+            checked.insert(key.clone());
         }
-        shaders_text(key)?;
-        checked.insert(key.clone());
-        Ok(())
+        Ok(text)
     }
 
     /// Compiles `key` (without holding the map, so that several threads can compile at once)
@@ -173,7 +184,7 @@ impl PipelineCache {
         device: &wgpu::Device,
         key: &PipelineKey,
     ) -> Result<Arc<wgpu::ComputePipeline>> {
-        let text = shaders_text(key)?;
+        let text = self.text(key)?;
         let label = label_of(key);
         let started = std::time::Instant::now();
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -237,18 +248,6 @@ impl PipelineCache {
 /// How a pipeline is named in logs and errors.
 fn label_of(key: &PipelineKey) -> String {
     format!("{}::{} {:?}", key.family, key.entry, key.defines)
-}
-
-/// The WGSL of `key`, validated by naga (whose errors point at the WGSL line).
-fn shaders_text(key: &PipelineKey) -> Result<String> {
-    let shader_error = |message: String| RuntimeError::Shader {
-        kernel: label_of(key),
-        message,
-    };
-    let text = shaders::assemble(key.family, &key.defines)
-        .ok_or_else(|| shader_error("no such kernel family".into()))?;
-    shaders::validate(&text).map_err(shader_error)?;
-    Ok(text)
 }
 
 #[cfg(test)]

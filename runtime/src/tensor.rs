@@ -398,6 +398,10 @@ impl Tensor {
 /// Alignment of each weight row on the device, in bytes ([`DType::row_stride`]).
 pub const WEIGHT_ROW_ALIGN: usize = 16;
 
+/// Bytes after a weight part's last row that kernels may read: the unaligned word reads of
+/// 2-byte-aligned blocks look one word on, and 16-byte loads read whole words.
+pub(crate) const WEIGHT_SLACK: u64 = 16;
+
 /// One row range of a weight: its rows from byte `offset` of a buffer, which it has to itself
 /// or shares with other weights laid out after it ([`Gpu::join_weights`]).
 pub struct WeightPart {
@@ -409,10 +413,10 @@ pub struct WeightPart {
 }
 
 impl WeightPart {
-    /// The part's binding, for a weight of rows `row_stride` bytes apart: its rows and the 16
-    /// bytes of slack after them, which kernels may read.
+    /// The part's binding, for a weight of rows `row_stride` bytes apart: its rows and the
+    /// [`WEIGHT_SLACK`] after them.
     pub(crate) fn binding(&self, row_stride: usize) -> Binding<'_> {
-        let size = (self.rows * row_stride) as u64 + 16;
+        let size = (self.rows * row_stride) as u64 + WEIGHT_SLACK;
         Binding::buffer_range(&self.buffer, self.offset, size)
     }
 }
@@ -659,8 +663,7 @@ impl Gpu {
             offsets.push(start);
             end = start + (w.rows * w.row_stride) as u64;
         }
-        // The slack after the last rows, as every part has.
-        let size = end + 16;
+        let size = end + WEIGHT_SLACK;
         if !alike || weights.len() < 2 || size > self.max_binding_size() {
             return Ok(weights);
         }
@@ -693,9 +696,8 @@ impl Gpu {
     }
 
     /// Creates the buffers of a `[rows, cols]` weight, rows [`DType::row_stride`] apart, split
-    /// into row ranges under the binding limit (each with 16 bytes of slack: the unaligned word
-    /// reads of 2-byte-aligned blocks look one word on), and lets `fill(buffer, row_start,
-    /// rows)` write each.
+    /// into row ranges under the binding limit (each with [`WEIGHT_SLACK`] after its rows), and
+    /// lets `fill(buffer, row_start, rows)` write each.
     fn weight_parts(
         &self,
         name: &str,
@@ -706,7 +708,7 @@ impl Gpu {
         mut fill: impl FnMut(&wgpu::Buffer, usize, usize) -> Result<()>,
     ) -> Result<Weight> {
         let row_bytes = dtype.row_stride(cols)?;
-        let limit = (self.max_binding_size() / 16 * 16).saturating_sub(16) as usize;
+        let limit = (self.max_binding_size() / 16 * 16).saturating_sub(WEIGHT_SLACK) as usize;
         let rows_per_part = (limit / row_bytes.max(1)).max(1);
         if row_bytes > limit {
             return Err(RuntimeError::BufferTooLarge {
@@ -720,7 +722,7 @@ impl Gpu {
         while row_start < rows {
             let n = rows_per_part.min(rows - row_start);
             // Whole 16-byte words, which kernels may read the weight as.
-            let size = (n * row_bytes) as u64 + 16;
+            let size = (n * row_bytes) as u64 + WEIGHT_SLACK;
             let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(name),
                 size,

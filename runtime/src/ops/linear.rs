@@ -8,7 +8,7 @@ use crate::ops::check_len;
 use crate::ops::rope::{RopeLayout, RopeParams};
 use crate::pipeline::PipelineKey;
 use crate::recorder::{split_groups, Binding, Recorder};
-use crate::tensor::{dequantize_row, Tensor, Weight, WeightPart};
+use crate::tensor::{dequantize_row, DType, Tensor, Weight, WeightPart, WEIGHT_SLACK};
 
 /// Up to this many rows of x, the mat-vec kernel is used.
 pub const MATVEC_MAX_ROWS: usize = 4;
@@ -303,13 +303,7 @@ fn matvec_part(
             && fusion.rope.is_none();
     }
     if let Some(r) = fusion.rope {
-        fits &= r.tokens == 1
-            && r.head_dim.is_multiple_of(2)
-            && r.n_rot.is_multiple_of(2)
-            && r.n_rot > 0
-            && r.n_rot <= r.head_dim
-            && n == r.heads * r.head_dim
-            && !out.accumulate;
+        fits &= rope_fits(r, n) && !out.accumulate;
     }
     if !fits {
         return Ok(false);
@@ -336,15 +330,10 @@ fn matvec_part(
     };
     let groups = split_groups(rec.gpu(), lanes.div_ceil(MATVEC_LANES), 1);
     for (i, (&(start, len), x_range)) in windows.iter().zip(x_ranges).enumerate() {
-        let key = PipelineKey::new("matvec_rows", "main")
-            .define("WTYPE", w.dtype.ggml_id())
-            .define("BLOCK_BYTES", w.dtype.wgsl_block_bytes())
-            .define("XV", (len / 4) as u32)
+        let key = matvec_rows_key(w.dtype, len)
             .define("SWIGLU", fusion.up.is_some() as u32)
             .define("ROPE", fusion.rope.is_some() as u32)
-            .define("QKV", 0)
-            .define("LANES", MATVEC_LANES)
-            .define("UNROLL", unrolled_groups(len));
+            .define("QKV", 0);
         // Windows after the first add into y.
         let out = LinearOut {
             accumulate: out.accumulate || i > 0,
@@ -353,16 +342,7 @@ fn matvec_part(
         let mut params = kernel_params(part, len, row_bytes as u32, out);
         // One row of x; SwiGLU's up projection starts where the gate's words end.
         params.extend([1, fusion.up.map_or(0, |_| (n * row_bytes / 4) as u32)]);
-        params.extend(match fusion.rope {
-            Some(r) => [
-                r.head_dim as u32,
-                r.n_rot as u32,
-                (r.layout == RopeLayout::Neox) as u32,
-                r.pos0 as u32,
-                r.base.to_bits(),
-            ],
-            None => [0; 5],
-        });
+        params.extend(fusion.rope.map_or([0; 5], rope_words));
         // The window's first byte in each row of W; no key and value projections.
         params.push((start / 32) as u32 * w.dtype.wgsl_block_bytes());
         params.extend([0; 5]);
@@ -443,13 +423,8 @@ pub fn matvec_qkv(
         && cols.is_multiple_of(4)
         && (k.w.cols, v.w.cols, v.w.rows) == (cols, cols, kv_rows)
         && same_rotation
-        && (qr.tokens, kr.tokens) == (1, 1)
-        && qr.head_dim.is_multiple_of(2)
-        && qr.n_rot.is_multiple_of(2)
-        && qr.n_rot > 0
-        && qr.n_rot <= qr.head_dim
-        && q.w.rows == qr.heads * qr.head_dim
-        && kv_rows == kr.heads * kr.head_dim
+        && rope_fits(qr, q.w.rows)
+        && rope_fits(kr, kv_rows)
         && [q.out, k.out, v.out].iter().all(|o| !o.accumulate)
         && (k.out.x_offset, v.out.x_offset) == (q.out.x_offset, q.out.x_offset)
         // Q's rows, then K's, then V's, so that one binding from Q covers all three.
@@ -471,25 +446,15 @@ pub fn matvec_qkv(
     check_len("the value projection's output", v.y, v.out.offset + kv_rows)?;
     let part = &q.w.parts[0];
     let row_bytes = q.w.row_stride;
-    let key = PipelineKey::new("matvec_rows", "main")
-        .define("WTYPE", q.w.dtype.ggml_id())
-        .define("BLOCK_BYTES", q.w.dtype.wgsl_block_bytes())
-        .define("XV", (cols / 4) as u32)
+    let key = matvec_rows_key(q.w.dtype, cols)
         .define("SWIGLU", 0)
         .define("ROPE", 0)
-        .define("QKV", 1)
-        .define("LANES", MATVEC_LANES)
-        .define("UNROLL", unrolled_groups(cols));
+        .define("QKV", 1);
     let mut params = kernel_params(part, cols, row_bytes as u32, q.out);
+    // One row of x, no up projection; the rotation; whole rows (no column window).
     params.extend([1, 0]);
-    params.extend([
-        qr.head_dim as u32,
-        qr.n_rot as u32,
-        (qr.layout == RopeLayout::Neox) as u32,
-        qr.pos0 as u32,
-        qr.base.to_bits(),
-        0,
-    ]);
+    params.extend(rope_words(qr));
+    params.push(0);
     params.extend([
         kv_rows as u32,
         k_base as u32,
@@ -498,7 +463,7 @@ pub fn matvec_qkv(
         v.out.offset as u32,
     ]);
     // The three weights as one binding, from Q's first row to the slack after V's last.
-    let span = v_base + (kv_rows * row_bytes) as u64 + 16;
+    let span = v_base + (kv_rows * row_bytes) as u64 + WEIGHT_SLACK;
     let weights = Binding::buffer_range(&part.buffer, part.offset, span);
     let bindings = [weights, x_range, q.y.bind(), k.y.bind(), v.y.bind()];
     // A lane for each pair of rows: query and key pairs, then value pairs.
@@ -506,6 +471,39 @@ pub fn matvec_qkv(
     let groups = split_groups(rec.gpu(), lanes.div_ceil(MATVEC_LANES), 1);
     rec.dispatch(&key, &params, &bindings, groups)?;
     Ok(true)
+}
+
+/// The `matvec_rows` kernel for rows (or column windows) of `len` elements of `dtype`, before
+/// its fusion defines (SWIGLU, ROPE, QKV).
+fn matvec_rows_key(dtype: DType, len: usize) -> PipelineKey {
+    PipelineKey::new("matvec_rows", "main")
+        .define("WTYPE", dtype.ggml_id())
+        .define("BLOCK_BYTES", dtype.wgsl_block_bytes())
+        .define("XV", (len / 4) as u32)
+        .define("LANES", MATVEC_LANES)
+        .define("UNROLL", unrolled_groups(len))
+}
+
+/// Whether `matvec_rows` can rotate a projection of `rows` rows for `r`: one token, whole heads
+/// and rotated pairs.
+fn rope_fits(r: &RopeParams, rows: usize) -> bool {
+    r.tokens == 1
+        && r.head_dim.is_multiple_of(2)
+        && r.n_rot.is_multiple_of(2)
+        && r.n_rot > 0
+        && r.n_rot <= r.head_dim
+        && rows == r.heads * r.head_dim
+}
+
+/// The rotation's words of `matvec_rows`'s parameters (head_dim .. base).
+fn rope_words(r: &RopeParams) -> [u32; 5] {
+    [
+        r.head_dim as u32,
+        r.n_rot as u32,
+        (r.layout == RopeLayout::Neox) as u32,
+        r.pos0 as u32,
+        r.base.to_bits(),
+    ]
 }
 
 /// The column windows `(start, len)` one decode mat-vec over rows of `k` elements runs as: the
