@@ -29,7 +29,9 @@ fn devices_lists_at_least_one_adapter_with_its_limits() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("backend") && text.contains("max storage binding"),
+        text.contains("backend")
+            && text.contains("max storage binding")
+            && text.contains("uniform binding"),
         "{text}"
     );
 }

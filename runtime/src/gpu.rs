@@ -65,6 +65,7 @@ pub struct AdapterReport {
     pub subgroup_max_size: u32,
     pub timestamp_query: bool,
     pub max_storage_buffer_binding_size: u64,
+    pub max_uniform_buffer_binding_size: u64,
     pub max_buffer_size: u64,
     pub max_compute_workgroup_storage_size: u32,
     pub max_compute_invocations_per_workgroup: u32,
@@ -79,6 +80,7 @@ pub struct DeviceFeatures {
     pub subgroup_min_size: u32,
     pub subgroup_max_size: u32,
     pub timestamp_query: bool,
+    pub shader_int64: bool,
 }
 
 /// How kernels split work over invocations; chosen per device type.
@@ -133,6 +135,9 @@ pub struct GpuOptions {
     /// Leaves subgroup operations off even where the adapter offers them, so that tests can run
     /// the kernels' fallbacks on any device.
     pub no_subgroups: bool,
+    /// Leaves 64-bit integers off even where the adapter offers them, so that tests can run the
+    /// 32-bit weight loads of CPU devices without them (OpenGL's llvmpipe) on any device.
+    pub no_int64: bool,
 }
 
 /// An opened device with its queue, limits, pipeline cache and buffer pool.
@@ -183,6 +188,7 @@ fn report(index: usize, adapter: &wgpu::Adapter) -> AdapterReport {
         subgroup_max_size: info.subgroup_max_size,
         timestamp_query: features.contains(wgpu::Features::TIMESTAMP_QUERY),
         max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
+        max_uniform_buffer_binding_size: limits.max_uniform_buffer_binding_size,
         max_buffer_size: limits.max_buffer_size,
         max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
         max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
@@ -292,6 +298,11 @@ impl Gpu {
         if options.pipeline_cache_dir.is_some() {
             wanted |= wgpu::Features::PIPELINE_CACHE;
         }
+        // 64-bit integers let CPU devices load weights in fewer, wider pieces
+        // (`Gpu::wide_weight_loads`).
+        if !options.no_int64 {
+            wanted |= wgpu::Features::SHADER_INT64;
+        }
         if options.no_subgroups {
             wanted.remove(wgpu::Features::SUBGROUP);
         }
@@ -326,6 +337,7 @@ impl Gpu {
             subgroup_min_size: info.subgroup_min_size,
             subgroup_max_size: info.subgroup_max_size,
             timestamp_query: required_features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            shader_int64: required_features.contains(wgpu::Features::SHADER_INT64),
         };
         let adapter_max = limits
             .max_storage_buffer_binding_size
@@ -398,6 +410,13 @@ impl Gpu {
     /// How kernels split their work on this device.
     pub fn kernel_layout(&self) -> KernelLayout {
         self.layout
+    }
+
+    /// Whether kernels read weights as 64-bit words (define `W64`; see `shaders::WEIGHT_ACCESS_64`):
+    /// on CPU devices with 64-bit integers, where a storage load costs per component, not per
+    /// byte.
+    pub fn wide_weight_loads(&self) -> bool {
+        self.features.shader_int64 && self.layout == KernelLayout::LanePerRow
     }
 
     /// The largest buffer a kernel may bind as storage; larger weights are split by rows.

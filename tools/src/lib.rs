@@ -260,9 +260,10 @@ fn devices() -> Result<()> {
             yes(a.timestamp_query)
         );
         text += &format!(
-            "   max storage binding {} MiB, max buffer {} MiB, workgroup memory {} KiB, \
-             {} invocations/workgroup\n",
+            "   max storage binding {} MiB, uniform binding {} KiB, max buffer {} MiB, \
+             workgroup memory {} KiB, {} invocations/workgroup\n",
             a.max_storage_buffer_binding_size >> 20,
+            a.max_uniform_buffer_binding_size >> 10,
             a.max_buffer_size >> 20,
             a.max_compute_workgroup_storage_size >> 10,
             a.max_compute_invocations_per_workgroup

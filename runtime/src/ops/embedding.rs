@@ -1,8 +1,7 @@
 //! Embedding gather: the rows of a weight (any runtime type) selected by token ids.
 
 use crate::error::{Result, RuntimeError};
-use crate::ops::check_len;
-use crate::pipeline::PipelineKey;
+use crate::ops::{check_len, weight_kernel};
 use crate::recorder::Recorder;
 use crate::tensor::{Tensor, Weight};
 
@@ -17,9 +16,7 @@ pub fn embedding(
     check_len("embedding ids", ids, n)?;
     check_len("embedding output", out, n * w.cols)?;
     let row_bytes = w.row_stride as u32;
-    let key = PipelineKey::new("embedding", "main")
-        .define("WTYPE", w.dtype.ggml_id())
-        .define("BLOCK_BYTES", w.dtype.wgsl_block_bytes());
+    let key = weight_kernel(rec.gpu(), "embedding", w.dtype);
     let groups = (w.cols as u32).div_ceil(4).div_ceil(64);
     if n as u32 > rec.gpu().limits().max_compute_workgroups_per_dimension {
         return Err(RuntimeError::Shape(format!(

@@ -4,8 +4,8 @@
 
 use crate::error::{Result, RuntimeError};
 use crate::gpu::{Gpu, KernelLayout};
-use crate::ops::check_len;
 use crate::ops::rope::{RopeLayout, RopeParams};
+use crate::ops::{check_len, weight_kernel};
 use crate::pipeline::PipelineKey;
 use crate::recorder::{split_groups, Binding, Recorder};
 use crate::tensor::{dequantize_row, DType, Tensor, Weight, WeightPart, WEIGHT_SLACK};
@@ -74,12 +74,9 @@ pub fn linear(
         )));
     }
     let row_bytes = w.row_stride as u32;
+    let gpu = rec.gpu();
     for part in &w.parts {
-        let defines = |family| {
-            PipelineKey::new(family, "main")
-                .define("WTYPE", w.dtype.ggml_id())
-                .define("BLOCK_BYTES", w.dtype.wgsl_block_bytes())
-        };
+        let defines = |family| weight_kernel(gpu, family, w.dtype);
         let mut params = kernel_params(part, k, row_bytes, out);
         let buffers = [part.binding(w.row_stride), x.bind(), y.bind()];
         let rows_layout = rec.gpu().kernel_layout() == KernelLayout::LanePerRow
@@ -145,13 +142,8 @@ fn linear_rows(
         2..=4 => 4,
         _ => 8,
     };
-    let defines = |family| {
-        PipelineKey::new(family, "main")
-            .define("WTYPE", w.dtype.ggml_id())
-            .define("BLOCK_BYTES", w.dtype.wgsl_block_bytes())
-            .define("TM", tm as u32)
-    };
     let gpu = rec.gpu();
+    let defines = |family| weight_kernel(gpu, family, w.dtype).define("TM", tm as u32);
     let groups = |rows_of_x: usize| {
         split_groups(
             gpu,
@@ -330,7 +322,7 @@ fn matvec_part(
     };
     let groups = split_groups(rec.gpu(), lanes.div_ceil(MATVEC_LANES), 1);
     for (i, (&(start, len), x_range)) in windows.iter().zip(x_ranges).enumerate() {
-        let key = matvec_rows_key(w.dtype, len)
+        let key = matvec_rows_key(rec.gpu(), w.dtype, len)
             .define("SWIGLU", fusion.up.is_some() as u32)
             .define("ROPE", fusion.rope.is_some() as u32)
             .define("QKV", 0);
@@ -446,7 +438,7 @@ pub fn matvec_qkv(
     check_len("the value projection's output", v.y, v.out.offset + kv_rows)?;
     let part = &q.w.parts[0];
     let row_bytes = q.w.row_stride;
-    let key = matvec_rows_key(q.w.dtype, cols)
+    let key = matvec_rows_key(rec.gpu(), q.w.dtype, cols)
         .define("SWIGLU", 0)
         .define("ROPE", 0)
         .define("QKV", 1);
@@ -475,10 +467,8 @@ pub fn matvec_qkv(
 
 /// The `matvec_rows` kernel for rows (or column windows) of `len` elements of `dtype`, before
 /// its fusion defines (SWIGLU, ROPE, QKV).
-fn matvec_rows_key(dtype: DType, len: usize) -> PipelineKey {
-    PipelineKey::new("matvec_rows", "main")
-        .define("WTYPE", dtype.ggml_id())
-        .define("BLOCK_BYTES", dtype.wgsl_block_bytes())
+fn matvec_rows_key(gpu: &Gpu, dtype: DType, len: usize) -> PipelineKey {
+    weight_kernel(gpu, "matvec_rows", dtype)
         .define("XV", (len / 4) as u32)
         .define("LANES", MATVEC_LANES)
         .define("UNROLL", unrolled_groups(len))
@@ -616,7 +606,7 @@ pub fn linear_ref(w_bytes: &[u8], w: &Weight, x: &[f32], m: usize) -> Vec<f32> {
 mod tests {
     use super::*;
     use crate::gpu::{Gpu, GpuOptions, KernelLayout};
-    use crate::ops::test_util::{gpu, gpus, max_rel_err};
+    use crate::ops::test_util::{gpu, gpus, max_rel_err, narrow_rows};
     use crate::tensor::DType;
     use crate::testing::{random_f32, random_weight};
 
@@ -655,8 +645,25 @@ mod tests {
                         check(gpu, dtype, m, n, k, 10 * i as u64 + m as u64);
                     }
                 }
+                // 32-bit weight loads: a short row and column windows, decoding.
+                if i == 0 || i == 3 {
+                    check(narrow_rows(), dtype, 1, n, k, 10 * i as u64 + 1);
+                }
             }
         }
+    }
+
+    #[test]
+    fn weights_load_as_64_bit_words_only_on_cpu_devices_with_64_bit_integers() {
+        let [cooperative, rows] = gpus();
+        assert!(!cooperative.wide_weight_loads());
+        assert_eq!(rows.wide_weight_loads(), rows.features().shader_int64);
+        assert!(!narrow_rows().wide_weight_loads());
+        // The two loads read the same bytes: one key each, and the same result (the test above
+        // checks both against the reference).
+        let wide = weight_kernel(rows, "matvec_rows", DType::Q4_1);
+        let narrow = weight_kernel(narrow_rows(), "matvec_rows", DType::Q4_1);
+        assert_eq!(wide == narrow, !rows.wide_weight_loads());
     }
 
     #[test]
@@ -740,8 +747,13 @@ mod tests {
 
     #[test]
     fn fused_gate_up_swiglu_matches_the_unfused_kernels() {
-        // The fused kernel is the lane-per-row layout's.
-        let gpu = gpus()[1];
+        // The fused kernel is the lane-per-row layout's, with 64-bit weight loads and without.
+        for gpu in [gpus()[1], narrow_rows()] {
+            fused_gate_up_swiglu_on(gpu);
+        }
+    }
+
+    fn fused_gate_up_swiglu_on(gpu: &Gpu) {
         for (dtype, n, k) in [
             (DType::Q4_1, 67, 96),
             (DType::Q8_0, 130, 64),

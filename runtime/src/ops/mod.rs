@@ -28,7 +28,18 @@ pub use softmax::softmax;
 pub use stats::{channel_stats, gram};
 
 use crate::error::{Result, RuntimeError};
-use crate::tensor::Tensor;
+use crate::gpu::Gpu;
+use crate::pipeline::PipelineKey;
+use crate::tensor::{DType, Tensor};
+
+/// The key of a kernel of `family` that reads weights of `dtype`: their GGML type, the bytes of
+/// a block, and whether the device loads them as 64-bit words ([`Gpu::wide_weight_loads`]).
+pub(crate) fn weight_kernel(gpu: &Gpu, family: &'static str, dtype: DType) -> PipelineKey {
+    PipelineKey::new(family, "main")
+        .define("WTYPE", dtype.ggml_id())
+        .define("BLOCK_BYTES", dtype.wgsl_block_bytes())
+        .define("W64", gpu.wide_weight_loads() as u32)
+}
 
 /// Fails unless `t` holds at least `len` elements.
 pub(crate) fn check_len(what: &str, t: &Tensor, len: usize) -> Result<()> {
@@ -73,14 +84,34 @@ pub(crate) mod test_util {
         ]
     }
 
+    /// The lane-per-row layout without 64-bit integers: weights loaded as 32-bit words, as on
+    /// devices that lack them.
+    pub fn narrow_rows() -> &'static Gpu {
+        static NARROW: OnceLock<Gpu> = OnceLock::new();
+        NARROW.get_or_init(|| {
+            open_with(GpuOptions {
+                layout: Some(KernelLayout::LanePerRow),
+                no_int64: true,
+                ..Default::default()
+            })
+        })
+    }
+
     pub fn open(layout: Option<KernelLayout>) -> Gpu {
+        open_with(GpuOptions {
+            layout,
+            ..Default::default()
+        })
+    }
+
+    /// Opens the test device (`TESSERA_DEVICE`, else the default one) with `options`.
+    fn open_with(options: GpuOptions) -> Gpu {
         let options = GpuOptions {
             selector: std::env::var("TESSERA_DEVICE")
                 .ok()
                 .and_then(|s| s.parse().ok())
                 .unwrap_or_default(),
-            layout,
-            ..Default::default()
+            ..options
         };
         Gpu::new(&options).expect("kernel tests need a GPU adapter (lavapipe will do)")
     }
