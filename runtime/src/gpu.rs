@@ -419,6 +419,11 @@ impl Gpu {
         self.features.shader_int64 && self.layout == KernelLayout::LanePerRow
     }
 
+    /// How many kernels (pipelines) this device has compiled so far.
+    pub fn compiled_kernels(&self) -> usize {
+        self.pipelines.len()
+    }
+
     /// The largest buffer a kernel may bind as storage; larger weights are split by rows.
     pub fn max_binding_size(&self) -> u64 {
         self.max_binding

@@ -148,6 +148,14 @@ impl PipelineCache {
         }
     }
 
+    /// How many pipelines are compiled.
+    pub(crate) fn len(&self) -> usize {
+        self.pipelines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
     /// The pipeline for `key` if it was compiled.
     pub(crate) fn lookup(&self, key: &PipelineKey) -> Option<Arc<wgpu::ComputePipeline>> {
         let map = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::llm::sampler::{Sampler, SamplerConfig};
 use crate::llm::tokenizer::{StreamDecoder, Tokenizer};
-use crate::llm::{LlmError, Logits, Session};
+use crate::llm::{LlmError, Session};
 
 /// Why generation stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,7 +86,9 @@ pub fn generate(
         if on_device {
             session.eval_greedy(tokens)
         } else {
-            let logits = session.eval(tokens, Logits::Last)?;
+            // The prompt's last token as a decode step, so that compiling the decode kernels
+            // counts as prefill (as with greedy decoding), not as the first decode step.
+            let logits = session.eval_last(tokens)?;
             sampler
                 .sample(&logits)
                 .map_err(|e| LlmError::BadConfig(e.to_string()))

@@ -528,6 +528,17 @@ impl<'m> Session<'m> {
         Ok(out)
     }
 
+    /// Runs `tokens` and returns the last one's logits, `[n_vocab]`, that token run alone as a
+    /// decode step (as [`Self::eval_greedy`] runs it): the kernels of decoding are then compiled
+    /// here, with the prompt, and not in the first step a caller times as decoding.
+    pub fn eval_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>, LlmError> {
+        let (head, tail) = tokens.split_at(tokens.len().saturating_sub(1));
+        if !head.is_empty() {
+            self.eval(head, Logits::None)?;
+        }
+        self.eval(tail, Logits::Last)
+    }
+
     /// Runs `tokens` and returns the argmax of the last position's logits, computed on the
     /// device so only the token id is read back.
     pub fn eval_greedy(&mut self, tokens: &[u32]) -> Result<u32, LlmError> {

@@ -486,6 +486,28 @@ mod tests {
     }
 
     #[test]
+    fn eval_last_runs_the_last_token_as_a_decode_step() {
+        let m = model(KernelLayout::LanePerRow, None);
+        let toks = tokens(5);
+        let mut whole = Session::new(&m, 16).unwrap();
+        let want = whole.eval(&toks, Logits::Last).unwrap();
+        let mut split = Session::new(&m, 16).unwrap();
+        let got = split.eval_last(&toks).unwrap();
+        assert_eq!(split.n_past(), toks.len());
+        let scale = want.iter().fold(1.0f32, |a, &b| a.max(b.abs()));
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0.0f32, |a, (g, w)| a.max((g - w).abs()))
+            / scale;
+        assert!(err < 1e-4, "eval_last differs from eval by {err}");
+        // The decode kernels are compiled: the next token compiles nothing.
+        let compiled = m.gpu().compiled_kernels();
+        split.eval(&toks[..1], Logits::Last).unwrap();
+        assert_eq!(m.gpu().compiled_kernels(), compiled);
+    }
+
+    #[test]
     fn observed_statistics_equal_those_of_the_captured_rows_and_logits_do_not_change() {
         let toks = tokens(37);
         // 32 KiB bindings split the SwiGLU site's 96 x 96 Gram matrix into two row parts.
