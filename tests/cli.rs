@@ -34,6 +34,10 @@ fn devices_lists_at_least_one_adapter_with_its_limits() {
             && text.contains("uniform binding"),
         "{text}"
     );
+    // A subgroup size is shown only for adapters that have subgroups.
+    for line in text.lines().filter(|l| l.contains("subgroups no")) {
+        assert!(!line.contains("size"), "{line}");
+    }
 }
 
 #[test]

@@ -251,12 +251,18 @@ fn devices() -> Result<()> {
         );
         let driver = format!("{} {}", a.driver, a.driver_info);
         text += &format!("   driver {}\n", driver.trim());
+        // wgpu reports a size range even for adapters without subgroups; it means nothing there.
+        let subgroups = if a.subgroup {
+            format!(
+                "yes (size {}..{})",
+                a.subgroup_min_size, a.subgroup_max_size
+            )
+        } else {
+            "no".to_string()
+        };
         text += &format!(
-            "   shader-f16 {}, subgroups {} (size {}..{}), timestamps {}\n",
+            "   shader-f16 {}, subgroups {subgroups}, timestamps {}\n",
             yes(a.shader_f16),
-            yes(a.subgroup),
-            a.subgroup_min_size,
-            a.subgroup_max_size,
             yes(a.timestamp_query)
         );
         text += &format!(
