@@ -10,7 +10,7 @@
 //
 // With SWIGLU = 1 the two rows of a lane are row n of the gate projection and row n of the up
 // projection, bound as two buffers read as one (`split` words of gate, then up; see the runtime's
-// `WEIGHT_ACCESS_SPLIT`), and the lane writes silu(gate) * up: the feed-forward's first half
+// `weight_access`), and the lane writes silu(gate) * up: the feed-forward's first half
 // in one dispatch. Its workgroups then cover LANES rows each.
 //
 // With ROPE = 1 (query and key projections) the two rows of a lane are the pair that rotary

@@ -412,7 +412,7 @@ impl Gpu {
         self.layout
     }
 
-    /// Whether kernels read weights as 64-bit words (define `W64`; see `shaders::WEIGHT_ACCESS_64`):
+    /// Whether kernels read weights as 64-bit words (define `W64`; see `shaders::weight_access`):
     /// on CPU devices with 64-bit integers, where a storage load costs per component, not per
     /// byte.
     pub fn wide_weight_loads(&self) -> bool {

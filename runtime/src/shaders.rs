@@ -164,13 +164,10 @@ pub fn assemble(family: &str, defines: &[(&'static str, u32)]) -> Option<String>
         text.push_str(&format!("const {name}: u32 = {value}u;\n"));
     }
     if NEEDS_QUANT.contains(&family) {
-        let wide = defines.contains(&("W64", 1));
-        text.push_str(match (defines.contains(&("SWIGLU", 1)), wide) {
-            (true, false) => WEIGHT_ACCESS_SPLIT,
-            (true, true) => WEIGHT_ACCESS_SPLIT_64,
-            (false, false) => WEIGHT_ACCESS,
-            (false, true) => WEIGHT_ACCESS_64,
-        });
+        text.push_str(&weight_access(
+            defines.contains(&("SWIGLU", 1)),
+            defines.contains(&("W64", 1)),
+        ));
         text.push_str(source("quant")?);
         text.push('\n');
     }
@@ -210,83 +207,78 @@ fn unroll_groups(body: &str, groups: u32) -> String {
     body.replace(UNROLL_MARKER, &calls)
 }
 
-/// The binding of the weights, `wload(i)`, their i-th 32-bit word, which `quant.wgsl` reads
-/// them through, and `wload4(i)`, their i-th 16 bytes (rows start at multiples of 16 bytes:
-/// `DType::row_stride`). `wload4_second` reads the second row of a `matvec_rows` lane.
-const WEIGHT_ACCESS: &str = "@group(0) @binding(1) var<storage, read> weights: array<vec4<u32>>;
-fn wload(i: u32) -> u32 {
-    return weights[i >> 2u][i & 3u];
-}
-fn wload4(i: u32) -> vec4<u32> {
-    return weights[i];
-}
-fn wload4_second(i: u32) -> vec4<u32> {
-    return weights[i];
-}
-";
-
-/// Two weights read as one (define SWIGLU = 1): the first `p.split` words from binding 1, the
-/// rest from binding 4. A `matvec_rows` lane's second row is in binding 4 (`wload4_second`),
-/// so its loads need no choice of buffer.
-const WEIGHT_ACCESS_SPLIT: &str =
-    "@group(0) @binding(1) var<storage, read> weights: array<vec4<u32>>;
-@group(0) @binding(4) var<storage, read> weights_b: array<vec4<u32>>;
-fn wload(i: u32) -> u32 {
-    if (i < p.split) {
-        return weights[i >> 2u][i & 3u];
+/// The weights' bindings and their accessors, which `quant.wgsl` and the kernels read them
+/// through: `wload(i)`, their i-th 32-bit word; `wload4(i)`, their i-th 16 bytes (rows start at
+/// multiples of 16 bytes: `DType::row_stride`); `wload4_second(i)`, the same for the second row
+/// of a `matvec_rows` lane.
+///
+/// With `split` (define SWIGLU = 1) two weights read as one: the first `p.split` words from
+/// binding 1, the rest from binding 4, where a lane's second row is (so its loads need no
+/// choice of buffer).
+///
+/// With `wide` (define W64 = 1; the device needs 64-bit integers, which naga takes without an
+/// `enable` directive) the bindings hold 64-bit words. llvmpipe runs a storage load whose
+/// address differs between lanes as a loop over the SIMD lanes with a bounds check and a branch
+/// for each component: 16 bytes as two 8-byte components cost about half the instructions of
+/// four 4-byte ones (SmolLM2 Q4_1 decode on lavapipe, one thread: 17.7 -> 19.8 tokens/s).
+fn weight_access(split: bool, wide: bool) -> String {
+    // Word `i` and 16 bytes `i` of the binding `a`, as WGSL expressions.
+    let word = |a: &str, i: &str| {
+        if wide {
+            format!("u32({a}[{i} >> 2u][({i} >> 1u) & 1u] >> (32u * ({i} & 1u)))")
+        } else {
+            format!("{a}[{i} >> 2u][{i} & 3u]")
+        }
+    };
+    let quad = |a: &str, i: &str| {
+        if wide {
+            format!("halves({a}[{i}])")
+        } else {
+            format!("{a}[{i}]")
+        }
+    };
+    let element = if wide { "vec2<u64>" } else { "vec4<u32>" };
+    let mut text = format!("@group(0) @binding(1) var<storage, read> weights: array<{element}>;\n");
+    if split {
+        text += &format!("@group(0) @binding(4) var<storage, read> weights_b: array<{element}>;\n");
     }
-    let j = i - p.split;
-    return weights_b[j >> 2u][j & 3u];
-}
-fn wload4(i: u32) -> vec4<u32> {
-    return weights[i];
-}
-fn wload4_second(i: u32) -> vec4<u32> {
-    return weights_b[i - p.split / 4u];
-}
-";
-
-/// `WEIGHT_ACCESS` over 64-bit words (define W64 = 1; the device needs 64-bit integers, which
-/// naga takes without an `enable` directive). llvmpipe runs a storage load whose address differs
-/// between lanes as a loop over the SIMD lanes with a bounds check and a branch for each
-/// component: 16 bytes as two 8-byte components cost about half the instructions of four
-/// 4-byte ones (SmolLM2 Q4_1 decode on lavapipe, one thread: 17.7 -> 19.8 tokens/s).
-const WEIGHT_ACCESS_64: &str = "@group(0) @binding(1) var<storage, read> weights: array<vec2<u64>>;
-fn halves(v: vec2<u64>) -> vec4<u32> {
+    if wide {
+        text += "fn halves(v: vec2<u64>) -> vec4<u32> {
     return vec4<u32>(u32(v.x), u32(v.x >> 32u), u32(v.y), u32(v.y >> 32u));
 }
-fn wload(i: u32) -> u32 {
-    return u32(weights[i >> 2u][(i >> 1u) & 1u] >> (32u * (i & 1u)));
-}
-fn wload4(i: u32) -> vec4<u32> {
-    return halves(weights[i]);
-}
-fn wload4_second(i: u32) -> vec4<u32> {
-    return halves(weights[i]);
-}
 ";
-
-/// `WEIGHT_ACCESS_SPLIT` over 64-bit words (see `WEIGHT_ACCESS_64`).
-const WEIGHT_ACCESS_SPLIT_64: &str =
-    "@group(0) @binding(1) var<storage, read> weights: array<vec2<u64>>;
-@group(0) @binding(4) var<storage, read> weights_b: array<vec2<u64>>;
-fn halves(v: vec2<u64>) -> vec4<u32> {
-    return vec4<u32>(u32(v.x), u32(v.x >> 32u), u32(v.y), u32(v.y >> 32u));
-}
-fn wload(i: u32) -> u32 {
-    if (i < p.split) {
-        return u32(weights[i >> 2u][(i >> 1u) & 1u] >> (32u * (i & 1u)));
     }
-    let j = i - p.split;
-    return u32(weights_b[j >> 2u][(j >> 1u) & 1u] >> (32u * (j & 1u)));
+    let (wload, second) = if split {
+        (
+            format!(
+                "if (i < p.split) {{\n        return {};\n    }}\n    let j = i - p.split;\n    \
+                 return {};",
+                word("weights", "i"),
+                word("weights_b", "j")
+            ),
+            quad("weights_b", "i - p.split / 4u"),
+        )
+    } else {
+        (
+            format!("return {};", word("weights", "i")),
+            quad("weights", "i"),
+        )
+    };
+    text += &format!(
+        "fn wload(i: u32) -> u32 {{
+    {wload}
+}}
+fn wload4(i: u32) -> vec4<u32> {{
+    return {};
+}}
+fn wload4_second(i: u32) -> vec4<u32> {{
+    return {second};
+}}
+",
+        quad("weights", "i")
+    );
+    text
 }
-fn wload4(i: u32) -> vec4<u32> {
-    return halves(weights[i]);
-}
-fn wload4_second(i: u32) -> vec4<u32> {
-    return halves(weights_b[i - p.split / 4u]);
-}
-";
 
 /// The key and value outputs of `matvec_rows` with QKV = 1 (the caches) and `store_kv(seg, n,
 /// value)`, which writes row n of the keys (seg 1) or values (seg 2). Declared only there, so

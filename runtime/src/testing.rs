@@ -63,3 +63,13 @@ pub fn random_f32(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
+
+/// Largest absolute difference, scaled by the larger of 1 and the reference's magnitude.
+pub fn max_rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(1.0f32, |a, &b| a.max(b.abs()));
+    got.iter()
+        .zip(want)
+        .fold(0.0f32, |a, (g, w)| a.max((g - w).abs()))
+        / scale
+}

@@ -532,11 +532,17 @@ impl<'m> Session<'m> {
     /// decode step (as [`Self::eval_greedy`] runs it): the kernels of decoding are then compiled
     /// here, with the prompt, and not in the first step a caller times as decoding.
     pub fn eval_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>, LlmError> {
-        let (head, tail) = tokens.split_at(tokens.len().saturating_sub(1));
+        let last = self.eval_all_but_last(tokens)?;
+        self.eval(last, Logits::Last)
+    }
+
+    /// Runs all of `tokens` but the last (without logits) and returns the last, to be run alone.
+    fn eval_all_but_last<'t>(&mut self, tokens: &'t [u32]) -> Result<&'t [u32], LlmError> {
+        let (head, last) = tokens.split_at(tokens.len().saturating_sub(1));
         if !head.is_empty() {
             self.eval(head, Logits::None)?;
         }
-        self.eval(tail, Logits::Last)
+        Ok(last)
     }
 
     /// Runs `tokens` and returns the argmax of the last position's logits, computed on the
@@ -545,10 +551,7 @@ impl<'m> Session<'m> {
         if tokens.is_empty() {
             return Err(LlmError::BadConfig("no tokens to evaluate".into()));
         }
-        let (head, tail) = tokens.split_at(tokens.len() - 1);
-        if !head.is_empty() {
-            self.eval(head, Logits::None)?;
-        }
+        let tail = self.eval_all_but_last(tokens)?;
         self.check_fits(tail)?;
         let n_vocab = self.model.config.n_vocab;
         let mut rec = Recorder::new(&self.model.gpu);

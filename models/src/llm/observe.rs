@@ -373,7 +373,7 @@ mod tests {
 
     use tessera_runtime::io::gguf::GgufFile;
     use tessera_runtime::ops::stats::{channel_stats_ref, gram_ref};
-    use tessera_runtime::testing::random_f32;
+    use tessera_runtime::testing::{max_rel_err, random_f32};
     use tessera_runtime::{GpuOptions, KernelLayout};
 
     use super::*;
@@ -494,12 +494,7 @@ mod tests {
         let mut split = Session::new(&m, 16).unwrap();
         let got = split.eval_last(&toks).unwrap();
         assert_eq!(split.n_past(), toks.len());
-        let scale = want.iter().fold(1.0f32, |a, &b| a.max(b.abs()));
-        let err = got
-            .iter()
-            .zip(&want)
-            .fold(0.0f32, |a, (g, w)| a.max((g - w).abs()))
-            / scale;
+        let err = max_rel_err(&got, &want);
         assert!(err < 1e-4, "eval_last differs from eval by {err}");
         // The decode kernels are compiled: the next token compiles nothing.
         let compiled = m.gpu().compiled_kernels();

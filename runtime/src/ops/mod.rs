@@ -116,13 +116,5 @@ pub(crate) mod test_util {
         Gpu::new(&options).expect("kernel tests need a GPU adapter (lavapipe will do)")
     }
 
-    /// Largest absolute difference, scaled by the larger of 1 and the reference's magnitude.
-    pub fn max_rel_err(got: &[f32], want: &[f32]) -> f32 {
-        assert_eq!(got.len(), want.len());
-        let scale = want.iter().fold(1.0f32, |a, &b| a.max(b.abs()));
-        got.iter()
-            .zip(want)
-            .fold(0.0f32, |a, (g, w)| a.max((g - w).abs()))
-            / scale
-    }
+    pub use crate::testing::max_rel_err;
 }
