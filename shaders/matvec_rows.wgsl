@@ -50,10 +50,14 @@ struct Params {
     v_base: u32,     // byte where the value rows start
     k_y_offset: u32, // element offset of the keys' first row in y_k
     v_y_offset: u32, // element offset of the values' first row in y_v
+    // WTEX only (weights bound as textures):
+    w_texel: u32,    // texel of binding 1 where W's first row starts
+    w_texel_b: u32,  // SWIGLU: texel of binding 4 where the up projection starts
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-// binding 1: the weights, declared with `wload` (see quant.wgsl).
+// binding 1: the weights, declared with `wload` (see quant.wgsl): a storage buffer, or on CPU
+// devices a texture (WTEX = 1; see the runtime's `texel_weight_access`).
 @group(0) @binding(2) var<uniform> x: array<vec4<f32>, XV>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 
@@ -83,10 +87,10 @@ var<private> acc1: f32;
 var<private> carry0: vec4<u32>;
 var<private> carry1: vec4<u32>;
 
-// The 16-byte words of the lane's first or second row (which starts at byte `row`, a multiple
-// of 16) that hold block b, as up to 12 words: the first of them is word (b BLOCK_BYTES) / 16.
-// With b a constant (UNROLL) the word a group shares with the one before it is not read again.
-fn row_words(row: u32, second: bool, b: u32) -> array<u32, 12> {
+// The 16-byte words of the lane's first or second row (`wload4_row`) that hold block b, as up
+// to 12 words: the first of them is word (b BLOCK_BYTES) / 16. With b a constant (UNROLL) the
+// word a group shares with the one before it is not read again.
+fn row_words(second: bool, b: u32) -> array<u32, 12> {
     let first = b * BLOCK_BYTES / 16u;
     let count = (b * BLOCK_BYTES + BLOCK_BYTES - 1u) / 16u - first + 1u;
     let carried = b > 0u && (b * BLOCK_BYTES - 1u) / 16u == first;
@@ -94,10 +98,8 @@ fn row_words(row: u32, second: bool, b: u32) -> array<u32, 12> {
     for (var i = 0u; i < count; i++) {
         if (i == 0u && carried) {
             v[i] = select(carry0, carry1, second);
-        } else if (second) {
-            v[i] = wload4_second((row >> 4u) + first + i);
         } else {
-            v[i] = wload4((row >> 4u) + first + i);
+            v[i] = wload4_row(second, first + i);
         }
     }
     if (second) {
@@ -170,8 +172,8 @@ const VEC4_BLOCKS: bool = UNROLL > 0u
 fn accumulate_group(b: u32) {
     if (VEC4_BLOCKS) {
         let at = (b * BLOCK_BYTES) % 16u;
-        let w0 = row_words(row0, false, b);
-        let w1 = row_words(row1, true, b);
+        let w0 = row_words(false, b);
+        let w1 = row_words(true, b);
         var xs = vec4<f32>(0.0);
         if (WTYPE == 2u || WTYPE == 3u) {
             for (var j = 0u; j < 8u; j++) {
@@ -250,6 +252,7 @@ fn main(
         row0 = base + min(n0, rows - 1u) * p.row_bytes;
         row1 = base + min(n1, rows - 1u) * p.row_bytes;
     }
+    lane_rows(row0, row1);
     row0 += p.w_offset;
     row1 += p.w_offset;
     acc0 = 0.0;

@@ -138,6 +138,9 @@ pub struct GpuOptions {
     /// Leaves 64-bit integers off even where the adapter offers them, so that tests can run the
     /// 32-bit weight loads of CPU devices without them (OpenGL's llvmpipe) on any device.
     pub no_int64: bool,
+    /// Reads weights from storage buffers only, never from texture copies of them
+    /// ([`Gpu::weight_textures`]; also `TESSERA_WEIGHT_TEXTURES=0`).
+    pub no_weight_textures: bool,
 }
 
 /// An opened device with its queue, limits, pipeline cache and buffer pool.
@@ -152,6 +155,7 @@ pub struct Gpu {
     pub(crate) pipelines: PipelineCache,
     pub(crate) pool: Arc<Mutex<BufferPool>>,
     pub(crate) device_error: Arc<Mutex<Option<String>>>,
+    weight_textures: bool,
 }
 
 /// Adapters of `backends`, narrowed further by `WGPU_BACKEND` (e.g. `vulkan`, `gl`).
@@ -353,6 +357,10 @@ impl Gpu {
                 wgpu::DeviceType::Cpu => KernelLayout::LanePerRow,
                 _ => KernelLayout::Cooperative,
             });
+        let weight_textures = layout == KernelLayout::LanePerRow
+            && !options.no_weight_textures
+            && std::env::var("TESSERA_WEIGHT_TEXTURES").map_or(true, |v| v.trim() != "0")
+            && limits.max_texture_dimension_2d >= crate::tensor::TEXEL_ROW;
         log::info!(
             "device: {} ({:?}, {:?}), driver {} {}, storage binding limit {} MiB",
             info.name,
@@ -379,6 +387,7 @@ impl Gpu {
             pipelines,
             pool: Arc::new(Mutex::new(BufferPool::default())),
             device_error,
+            weight_textures,
         })
     }
 
@@ -417,6 +426,15 @@ impl Gpu {
     /// byte.
     pub fn wide_weight_loads(&self) -> bool {
         self.features.shader_int64 && self.layout == KernelLayout::LanePerRow
+    }
+
+    /// Whether weights also get a texture copy that the decode mat-vec reads them through
+    /// (define `WTEX`; see `shaders::weight_access`): on CPU devices, where llvmpipe fetches
+    /// texels with straight-line loads but runs a storage load whose address differs between
+    /// lanes as a loop over the lanes, one that stalls on every cache miss. On lavapipe, a
+    /// mat-vec over weights that miss the caches runs about 1.5x faster from a texture.
+    pub fn weight_textures(&self) -> bool {
+        self.weight_textures
     }
 
     /// How many kernels (pipelines) this device has compiled so far.

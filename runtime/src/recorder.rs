@@ -12,20 +12,25 @@ use crate::gpu::Gpu;
 use crate::pipeline::PipelineKey;
 use crate::tensor::{PooledBuffer, Tensor};
 
-/// A buffer bound to a kernel: all of it, or `size` bytes from `offset` (`range`). A tensor's
-/// binding carries its pooled buffer, which the recorder holds until it submits.
+/// A resource bound to a kernel: a buffer (all of it, or `size` bytes from `offset`), or a
+/// texture view (weights on devices that read them as texels). A tensor's binding carries its
+/// pooled buffer, which the recorder holds until it submits.
 #[derive(Clone, Copy)]
 pub(crate) struct Binding<'a> {
-    pub buffer: &'a wgpu::Buffer,
-    pub range: Option<(u64, u64)>,
+    pub resource: Resource<'a>,
     pub pooled: Option<&'a Arc<PooledBuffer>>,
+}
+
+#[derive(Clone, Copy)]
+pub(crate) enum Resource<'a> {
+    Buffer(&'a wgpu::Buffer, Option<(u64, u64)>),
+    Texture(&'a wgpu::TextureView),
 }
 
 impl<'a> From<&'a wgpu::Buffer> for Binding<'a> {
     fn from(buffer: &'a wgpu::Buffer) -> Self {
         Binding {
-            buffer,
-            range: None,
+            resource: Resource::Buffer(buffer, None),
             pooled: None,
         }
     }
@@ -34,8 +39,7 @@ impl<'a> From<&'a wgpu::Buffer> for Binding<'a> {
 impl<'a> From<&'a Tensor> for Binding<'a> {
     fn from(t: &'a Tensor) -> Self {
         Binding {
-            buffer: &t.buf.buffer,
-            range: None,
+            resource: Resource::Buffer(&t.buf.buffer, None),
             pooled: Some(&t.buf),
         }
     }
@@ -45,16 +49,24 @@ impl<'a> Binding<'a> {
     /// `size` bytes of `t` from byte `offset`.
     pub fn range(t: &'a Tensor, offset: u64, size: u64) -> Self {
         Binding {
-            range: Some((offset, size)),
-            ..t.into()
+            resource: Resource::Buffer(&t.buf.buffer, Some((offset, size))),
+            pooled: Some(&t.buf),
         }
     }
 
     /// `size` bytes of a buffer from byte `offset`.
     pub fn buffer_range(buffer: &'a wgpu::Buffer, offset: u64, size: u64) -> Self {
         Binding {
-            range: Some((offset, size)),
-            ..buffer.into()
+            resource: Resource::Buffer(buffer, Some((offset, size))),
+            pooled: None,
+        }
+    }
+
+    /// A whole texture.
+    pub fn texture(view: &'a wgpu::TextureView) -> Self {
+        Binding {
+            resource: Resource::Texture(view),
+            pooled: None,
         }
     }
 }
@@ -66,10 +78,16 @@ enum Kernel {
     Pending(PipelineKey),
 }
 
+/// A [`Binding`]'s resource, kept until the submit.
+enum Bound {
+    Buffer(wgpu::Buffer, Option<(u64, u64)>),
+    Texture(wgpu::TextureView),
+}
+
 enum Step {
     Dispatch {
         kernel: Kernel,
-        buffers: Vec<(wgpu::Buffer, Option<(u64, u64)>)>,
+        buffers: Vec<Bound>,
         params: Option<(u64, u64)>,
         groups: [u32; 3],
     },
@@ -164,7 +182,10 @@ impl<'g> Recorder<'g> {
             .extend(buffers.iter().filter_map(|b| b.pooled.cloned()));
         let buffers = buffers
             .iter()
-            .map(|b| (b.buffer.clone(), b.range))
+            .map(|b| match b.resource {
+                Resource::Buffer(buffer, range) => Bound::Buffer(buffer.clone(), range),
+                Resource::Texture(view) => Bound::Texture(view.clone()),
+            })
             .collect();
         self.steps.push(Step::Dispatch {
             kernel,
@@ -279,10 +300,11 @@ impl<'g> Recorder<'g> {
                             }),
                         });
                     }
-                    for (i, (b, range)) in buffers.iter().enumerate() {
-                        let resource = match range {
-                            None => b.as_entire_binding(),
-                            Some((offset, size)) => {
+                    for (i, bound) in buffers.iter().enumerate() {
+                        let resource = match bound {
+                            Bound::Texture(view) => wgpu::BindingResource::TextureView(view),
+                            Bound::Buffer(b, None) => b.as_entire_binding(),
+                            Bound::Buffer(b, Some((offset, size))) => {
                                 wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                                     buffer: b,
                                     offset: *offset,

@@ -6,6 +6,8 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
+use crate::tensor::TEXEL_ROW;
+
 /// Every kernel family's source, by file stem.
 pub const SOURCES: &[(&str, &str)] = &[
     ("quant", include_str!("../../shaders/quant.wgsl")),
@@ -27,6 +29,10 @@ pub const SOURCES: &[(&str, &str)] = &[
     (
         "matvec_rows",
         include_str!("../../shaders/matvec_rows.wgsl"),
+    ),
+    (
+        "weight_texels",
+        include_str!("../../shaders/weight_texels.wgsl"),
     ),
     ("rmsnorm", include_str!("../../shaders/rmsnorm.wgsl")),
     ("rope", include_str!("../../shaders/rope.wgsl")),
@@ -167,6 +173,7 @@ pub fn assemble(family: &str, defines: &[(&'static str, u32)]) -> Option<String>
         text.push_str(&weight_access(
             defines.contains(&("SWIGLU", 1)),
             defines.contains(&("W64", 1)),
+            defines.contains(&("WTEX", 1)),
         ));
         text.push_str(source("quant")?);
         text.push('\n');
@@ -180,6 +187,11 @@ pub fn assemble(family: &str, defines: &[(&'static str, u32)]) -> Option<String>
         text.push('\n');
     }
     if family == "matvec_rows" {
+        if defines.contains(&("WTEX", 1)) {
+            text.push_str(&row_access_texels(defines.contains(&("SWIGLU", 1))));
+        } else {
+            text.push_str(ROW_ACCESS_BUFFERS);
+        }
         text.push_str(if defines.contains(&("QKV", 1)) {
             QKV_OUTPUTS
         } else {
@@ -221,7 +233,10 @@ fn unroll_groups(body: &str, groups: u32) -> String {
 /// address differs between lanes as a loop over the SIMD lanes with a bounds check and a branch
 /// for each component: 16 bytes as two 8-byte components cost about half the instructions of
 /// four 4-byte ones (SmolLM2 Q4_1 decode on lavapipe, one thread: 17.7 -> 19.8 tokens/s).
-fn weight_access(split: bool, wide: bool) -> String {
+fn weight_access(split: bool, wide: bool, texels: bool) -> String {
+    if texels {
+        return texel_weight_access(split);
+    }
     // Word `i` and 16 bytes `i` of the binding `a`, as WGSL expressions.
     let word = |a: &str, i: &str| {
         if wide {
@@ -280,6 +295,112 @@ fn wload4_second(i: u32) -> vec4<u32> {{
     text
 }
 
+/// [`weight_access`] for weights bound as textures (define WTEX = 1, in `matvec_rows` only;
+/// the runtime's `WeightTexels`, written by `weight_texels.wgsl`): 16 bytes a texel,
+/// `TEXEL_ROW` texels a texture row, each group of 8 rows of W interleaved, so that texel j of
+/// row r is at `(r / 8) 8 W + 8 j + r % 8` (W = `p.row_bytes / 16`). The binding's first byte
+/// is texel `p.w_texel` of the rows laid end to end (`p.w_texel_b` for binding 4), at a row's
+/// start. These accessors locate a row by division, correct for any kernel but slower than
+/// [`row_access_texels`]'s.
+fn texel_weight_access(split: bool) -> String {
+    let (mask, shift) = (TEXEL_ROW - 1, TEXEL_ROW.trailing_zeros());
+    let mut text = format!(
+        "@group(0) @binding(1) var weights: texture_2d<u32>;
+fn texel_at(t: u32) -> vec2<u32> {{
+    return vec2<u32>(t & {mask}u, t >> {shift}u);
+}}
+// Where texel 0 of row r (counted from the buffer's first row) is.
+fn tex_row(r: u32) -> u32 {{
+    return (r >> 3u) * (p.row_bytes / 2u) + (r & 7u);
+}}
+// Texel i of the rows laid end to end from texel `first`.
+fn tex_linear(first: u32, i: u32) -> u32 {{
+    let w = p.row_bytes / 16u;
+    let t = first + i;
+    return tex_row(t / w) + 8u * (t % w);
+}}
+fn wload4(i: u32) -> vec4<u32> {{
+    return textureLoad(weights, texel_at(tex_linear(p.w_texel, i)), 0);
+}}
+"
+    );
+    if split {
+        text += "@group(0) @binding(4) var weights_b: texture_2d<u32>;
+fn wload4_second(i: u32) -> vec4<u32> {
+    return textureLoad(weights_b, texel_at(tex_linear(p.w_texel_b, i - p.split / 4u)), 0);
+}
+fn wload(i: u32) -> u32 {
+    if (i < p.split) {
+        return wload4(i >> 2u)[i & 3u];
+    }
+    return wload4_second(i >> 2u)[i & 3u];
+}
+";
+    } else {
+        text += "fn wload4_second(i: u32) -> vec4<u32> {
+    return wload4(i);
+}
+fn wload(i: u32) -> u32 {
+    return wload4(i >> 2u)[i & 3u];
+}
+";
+    }
+    text
+}
+
+/// How `matvec_rows` reads its lanes' rows 16 bytes at a time: `lane_rows(row0, row1)` takes
+/// the byte offsets of the lane's two rows in its weights (the second past `4 p.split` with
+/// SWIGLU = 1, in the up projection), then `wload4_row(second, j)` reads the 16 bytes j of the
+/// first or second row from `p.w_offset` (the column window) on. From buffers, rows are
+/// contiguous: word j is one on from word j - 1.
+const ROW_ACCESS_BUFFERS: &str = "var<private> row_at0: u32;
+var<private> row_at1: u32;
+fn lane_rows(row0: u32, row1: u32) {
+    row_at0 = (row0 + p.w_offset) >> 4u;
+    row_at1 = (row1 + p.w_offset) >> 4u;
+}
+fn wload4_row(second: bool, j: u32) -> vec4<u32> {
+    if (second) {
+        return wload4_second(row_at1 + j);
+    }
+    return wload4(row_at0 + j);
+}
+";
+
+/// [`ROW_ACCESS_BUFFERS`] from textures ([`texel_weight_access`]): the lane's rows are located
+/// once, and texel j of a row is 8 on from texel j - 1. With `split`, the second row is in
+/// binding 4.
+fn row_access_texels(split: bool) -> String {
+    let (second_row, second_load) = if split {
+        (
+            "p.w_texel_b / w + (row1 - 4u * p.split) / p.row_bytes",
+            "textureLoad(weights_b, texel_at(row_at1 + 8u * j), 0)",
+        )
+    } else {
+        (
+            "p.w_texel / w + row1 / p.row_bytes",
+            "textureLoad(weights, texel_at(row_at1 + 8u * j), 0)",
+        )
+    };
+    format!(
+        "var<private> row_at0: u32;
+var<private> row_at1: u32;
+fn lane_rows(row0: u32, row1: u32) {{
+    let w = p.row_bytes / 16u;
+    let window = 8u * (p.w_offset / 16u);
+    row_at0 = tex_row(p.w_texel / w + row0 / p.row_bytes) + window;
+    row_at1 = tex_row({second_row}) + window;
+}}
+fn wload4_row(second: bool, j: u32) -> vec4<u32> {{
+    if (second) {{
+        return {second_load};
+    }}
+    return textureLoad(weights, texel_at(row_at0 + 8u * j), 0);
+}}
+"
+    )
+}
+
 /// The key and value outputs of `matvec_rows` with QKV = 1 (the caches) and `store_kv(seg, n,
 /// value)`, which writes row n of the keys (seg 1) or values (seg 2). Declared only there, so
 /// that the other specialisations bind no more than they use.
@@ -319,8 +440,10 @@ mod tests {
     use super::*;
     use crate::tensor::DType;
 
+    type Specialisation = (&'static str, Vec<(&'static str, u32)>);
+
     /// Every specialisation the runtime can ask for, by family.
-    fn specialisations() -> Vec<(&'static str, Vec<(&'static str, u32)>)> {
+    fn specialisations() -> Vec<Specialisation> {
         let mut all = Vec::new();
         for family in ["matvec", "matmul", "embedding", "linear_rows"] {
             for dtype in DType::ALL {
@@ -372,16 +495,24 @@ mod tests {
                 all.push((family, defines));
             }
         }
-        // Every kernel that reads weights again with them as 64-bit words.
-        let wide: Vec<_> = all
-            .iter()
-            .map(|(family, defines)| {
-                let mut defines = defines.clone();
-                defines.push(("W64", 1));
-                (*family, defines)
-            })
-            .collect();
+        // Every kernel that reads weights again with them as 64-bit words, and the decode
+        // mat-vec again with them bound as textures.
+        let again = |all: &[Specialisation], define: &'static str, family: Option<&str>| {
+            let picked = all
+                .iter()
+                .filter(|(f, _)| family.is_none_or(|want| want == *f));
+            picked
+                .map(|(f, defines)| (*f, [defines.as_slice(), &[(define, 1)]].concat()))
+                .collect::<Vec<_>>()
+        };
+        let wide = again(&all, "W64", None);
         all.extend(wide);
+        let texels = again(&all, "WTEX", Some("matvec_rows"));
+        all.extend(texels);
+        all.push((
+            "weight_texels",
+            vec![("TEXEL_SHIFT", TEXEL_ROW.trailing_zeros())],
+        ));
         for family in ["rmsnorm", "softmax", "argmax"] {
             for wg in [1, 64, 256] {
                 all.push((family, vec![("WG", wg)]));

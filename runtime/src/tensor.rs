@@ -402,14 +402,31 @@ pub const WEIGHT_ROW_ALIGN: usize = 16;
 /// 2-byte-aligned blocks look one word on, and 16-byte loads read whole words.
 pub(crate) const WEIGHT_SLACK: u64 = 16;
 
+/// Texels (16 bytes each) per row of a weight texture ([`WeightTexels`]): texel t of a buffer
+/// is at (t % TEXEL_ROW, t / TEXEL_ROW). A power of two that every device's textures reach
+/// (WebGPU's minimum is 8192).
+pub const TEXEL_ROW: u32 = 4096;
+
+/// A weight buffer's bytes again as a texture of `rgba32uint` texels, [`TEXEL_ROW`] to a
+/// texture row, each group of 8 weight rows interleaved (see `weight_texels.wgsl`): what the
+/// decode mat-vec reads where [`Gpu::weight_textures`] holds.
+pub struct WeightTexels {
+    pub(crate) view: wgpu::TextureView,
+    _texture: wgpu::Texture,
+    /// Bytes the texture holds: its buffer's rows in whole groups of 8, and one group more.
+    pub bytes: u64,
+}
+
 /// One row range of a weight: its rows from byte `offset` of a buffer, which it has to itself
-/// or shares with other weights laid out after it ([`Gpu::join_weights`]).
+/// or shares with other weights laid out after it ([`Gpu::join_weights`]), and where the device
+/// reads weights through textures, the whole buffer as one ([`WeightTexels`]).
 pub struct WeightPart {
     pub(crate) buffer: wgpu::Buffer,
     /// Byte of the buffer where the part's first row starts.
     pub(crate) offset: u64,
     pub row_start: usize,
     pub rows: usize,
+    pub(crate) texels: Option<Arc<WeightTexels>>,
 }
 
 impl WeightPart {
@@ -418,6 +435,12 @@ impl WeightPart {
     pub(crate) fn binding(&self, row_stride: usize) -> Binding<'_> {
         let size = (self.rows * row_stride) as u64 + WEIGHT_SLACK;
         Binding::buffer_range(&self.buffer, self.offset, size)
+    }
+
+    /// The part's texture binding and its first row's texel there, where it has a texture.
+    pub(crate) fn texel_binding(&self) -> Option<(Binding<'_>, u32)> {
+        let texels = self.texels.as_ref()?;
+        Some((Binding::texture(&texels.view), (self.offset / 16) as u32))
     }
 }
 
@@ -575,24 +598,27 @@ impl Gpu {
             )));
         }
         let stride = dtype.row_stride(cols)?;
-        self.weight_parts(name, dtype, rows, cols, true, |buffer, row_start, n| {
-            let chunk = &bytes[row_start * row_bytes..(row_start + n) * row_bytes];
-            {
-                let mut view = buffer
-                    .get_mapped_range_mut(..)
-                    .map_err(|e| RuntimeError::Device(format!("mapping `{name}`: {e}")))?;
-                if stride == row_bytes {
-                    view.slice(..chunk.len()).copy_from_slice(chunk);
-                } else {
-                    for (r, row) in chunk.chunks_exact(row_bytes).enumerate() {
-                        view.slice(r * stride..r * stride + row_bytes)
-                            .copy_from_slice(row);
+        let mut weight =
+            self.weight_parts(name, dtype, rows, cols, true, |buffer, row_start, n| {
+                let chunk = &bytes[row_start * row_bytes..(row_start + n) * row_bytes];
+                {
+                    let mut view = buffer
+                        .get_mapped_range_mut(..)
+                        .map_err(|e| RuntimeError::Device(format!("mapping `{name}`: {e}")))?;
+                    if stride == row_bytes {
+                        view.slice(..chunk.len()).copy_from_slice(chunk);
+                    } else {
+                        for (r, row) in chunk.chunks_exact(row_bytes).enumerate() {
+                            view.slice(r * stride..r * stride + row_bytes)
+                                .copy_from_slice(row);
+                        }
                     }
                 }
-            }
-            buffer.unmap();
-            Ok(())
-        })
+                buffer.unmap();
+                Ok(())
+            })?;
+        self.attach_texels(&mut weight)?;
+        Ok(weight)
     }
 
     /// A `[rows, cols]` weight of valid random blocks made on the device, for benchmarks: the
@@ -629,7 +655,7 @@ impl Gpu {
         }
         source.unmap();
         let mut encoder = self.device.create_command_encoder(&Default::default());
-        let weight = self.weight_parts(name, dtype, rows, cols, false, |buffer, _, n| {
+        let mut weight = self.weight_parts(name, dtype, rows, cols, false, |buffer, _, n| {
             // Rows are whole strides (multiples of 16 bytes), so every copy starts aligned.
             for first in (0..n).step_by(pattern_rows) {
                 let len = (pattern_rows.min(n - first) * stride) as u64;
@@ -639,6 +665,7 @@ impl Gpu {
             Ok(())
         })?;
         self.queue.submit([encoder.finish()]);
+        self.attach_texels(&mut weight)?;
         Ok(weight)
     }
 
@@ -680,6 +707,12 @@ impl Gpu {
             encoder.copy_buffer_to_buffer(&part.buffer, part.offset, &buffer, at, len);
         }
         self.queue.submit([encoder.finish()]);
+        // Textures lay rows on a grid of the row stride from the buffer's start.
+        let texels = if offsets.iter().all(|&o| o.is_multiple_of(kind.2 as u64)) {
+            self.texels_of(&buffer, kind.2)?
+        } else {
+            None
+        };
         Ok(weights
             .into_iter()
             .zip(offsets)
@@ -689,6 +722,7 @@ impl Gpu {
                     offset,
                     row_start: 0,
                     rows: w.rows,
+                    texels: texels.clone(),
                 }],
                 ..w
             })
@@ -735,6 +769,7 @@ impl Gpu {
                 offset: 0,
                 row_start,
                 rows: n,
+                texels: None,
             });
             row_start += n;
         }
@@ -745,6 +780,78 @@ impl Gpu {
             row_stride: row_bytes,
             parts,
         })
+    }
+
+    /// Gives each part of `weight` a texture copy of its buffer where the device reads weights
+    /// through textures ([`Gpu::weight_textures`]). The buffer's contents must be written (or
+    /// their copy submitted) first.
+    fn attach_texels(&self, weight: &mut Weight) -> Result<()> {
+        for part in &mut weight.parts {
+            part.texels = self.texels_of(&part.buffer, weight.row_stride)?;
+        }
+        Ok(())
+    }
+
+    /// A texture copy of `buffer`, rows of `row_stride` bytes from its first byte, their groups
+    /// of 8 interleaved ([`WeightTexels`], `weight_texels.wgsl`), recorded on the queue after
+    /// what was submitted before. `None` where the device reads weights from buffers, or the
+    /// texture would need more rows than the device allows (the weight is then read from the
+    /// buffer).
+    fn texels_of(
+        &self,
+        buffer: &wgpu::Buffer,
+        row_stride: usize,
+    ) -> Result<Option<Arc<WeightTexels>>> {
+        let texels = buffer.size() / 16;
+        let row_texels = (row_stride / 16) as u64;
+        if !self.weight_textures() || row_texels == 0 || !row_stride.is_multiple_of(16) {
+            return Ok(None);
+        }
+        // Whole groups of 8 rows, and one more: a lane may read a word past its row's end.
+        let total = (texels.div_ceil(row_texels).div_ceil(8) + 1) * 8 * row_texels;
+        let rows = total.div_ceil(TEXEL_ROW as u64);
+        let (Ok(rows), Ok(total_u32), Ok(texels_u32)) = (
+            u32::try_from(rows),
+            u32::try_from(total),
+            u32::try_from(texels),
+        ) else {
+            return Ok(None);
+        };
+        if rows > self.limits().max_texture_dimension_2d {
+            return Ok(None);
+        }
+        let texture = self.device.create_texture(&wgpu::TextureDescriptor {
+            label: Some("weight texels"),
+            size: wgpu::Extent3d {
+                width: TEXEL_ROW,
+                height: rows,
+                depth_or_array_layers: 1,
+            },
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format: wgpu::TextureFormat::Rgba32Uint,
+            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::STORAGE_BINDING,
+            view_formats: &[],
+        });
+        let view = texture.create_view(&Default::default());
+        let key = crate::pipeline::PipelineKey::new("weight_texels", "main")
+            .define("TEXEL_SHIFT", TEXEL_ROW.trailing_zeros());
+        let params = [texels_u32, row_texels as u32, total_u32];
+        let groups = crate::recorder::split_groups(self, total_u32.div_ceil(64), 1);
+        let mut rec = crate::recorder::Recorder::new(self);
+        rec.dispatch(
+            &key,
+            &params,
+            &[buffer.into(), Binding::texture(&view)],
+            groups,
+        )?;
+        rec.submit()?;
+        Ok(Some(Arc::new(WeightTexels {
+            view,
+            _texture: texture,
+            bytes: total * 16,
+        })))
     }
 
     /// Copies a tensor back to the host.

@@ -322,7 +322,14 @@ fn matvec_part(
     };
     let groups = split_groups(rec.gpu(), lanes.div_ceil(MATVEC_LANES), 1);
     for (i, (&(start, len), x_range)) in windows.iter().zip(x_ranges).enumerate() {
-        let key = matvec_rows_key(rec.gpu(), w.dtype, len)
+        // W (and the up projection) as textures where the kernel reads them so and all have one.
+        let up_texels = fusion.up.map(|up| texels_for(&up.parts[0], up.dtype, len));
+        let texels = match (texels_for(part, w.dtype, len), up_texels) {
+            (Some(w), None) => Some((w, None)),
+            (Some(w), Some(Some(up))) => Some((w, Some(up))),
+            _ => None,
+        };
+        let key = matvec_rows_key(rec.gpu(), w.dtype, len, texels.is_some())
             .define("SWIGLU", fusion.up.is_some() as u32)
             .define("ROPE", fusion.rope.is_some() as u32)
             .define("QKV", 0);
@@ -341,6 +348,17 @@ fn matvec_part(
         let mut bindings = vec![part.binding(w.row_stride), x_range, y.bind()];
         if let Some(up) = fusion.up {
             bindings.push(up.parts[0].binding(up.row_stride));
+        }
+        // The first texel of each: W's rows, the up projection's.
+        match texels {
+            Some(((w_tex, w_texel), up)) => {
+                bindings[0] = w_tex;
+                params.extend([w_texel, up.map_or(0, |(_, t)| t)]);
+                if let Some((up_tex, _)) = up {
+                    bindings[3] = up_tex;
+                }
+            }
+            None => params.extend([0, 0]),
         }
         rec.dispatch(&key, &params, &bindings, groups)?;
     }
@@ -438,7 +456,12 @@ pub fn matvec_qkv(
     check_len("the value projection's output", v.y, v.out.offset + kv_rows)?;
     let part = &q.w.parts[0];
     let row_bytes = q.w.row_stride;
-    let key = matvec_rows_key(rec.gpu(), q.w.dtype, cols)
+    // Textures locate a lane's rows on a grid of whole rows from Q's first.
+    let on_grid = [k_base, v_base]
+        .iter()
+        .all(|b| b.is_multiple_of(row_bytes as u64));
+    let texels = texels_for(part, q.w.dtype, cols).filter(|_| on_grid);
+    let key = matvec_rows_key(rec.gpu(), q.w.dtype, cols, texels.is_some())
         .define("SWIGLU", 0)
         .define("ROPE", 0)
         .define("QKV", 1);
@@ -456,7 +479,16 @@ pub fn matvec_qkv(
     ]);
     // The three weights as one binding, from Q's first row to the slack after V's last.
     let span = v_base + (kv_rows * row_bytes) as u64 + WEIGHT_SLACK;
-    let weights = Binding::buffer_range(&part.buffer, part.offset, span);
+    let weights = match texels {
+        Some((binding, first)) => {
+            params.extend([first, 0]);
+            binding
+        }
+        None => {
+            params.extend([0, 0]);
+            Binding::buffer_range(&part.buffer, part.offset, span)
+        }
+    };
     let bindings = [weights, x_range, q.y.bind(), k.y.bind(), v.y.bind()];
     // A lane for each pair of rows: query and key pairs, then value pairs.
     let lanes = ((q.w.rows + 2 * kv_rows) / 2) as u32;
@@ -465,13 +497,30 @@ pub fn matvec_qkv(
     Ok(true)
 }
 
-/// The `matvec_rows` kernel for rows (or column windows) of `len` elements of `dtype`, before
-/// its fusion defines (SWIGLU, ROPE, QKV).
-fn matvec_rows_key(gpu: &Gpu, dtype: DType, len: usize) -> PipelineKey {
+/// The `matvec_rows` kernel for rows (or column windows) of `len` elements of `dtype`, its
+/// weights bound as textures or not, before its fusion defines (SWIGLU, ROPE, QKV).
+fn matvec_rows_key(gpu: &Gpu, dtype: DType, len: usize, texels: bool) -> PipelineKey {
     weight_kernel(gpu, "matvec_rows", dtype)
+        .define("WTEX", texels as u32)
         .define("XV", (len / 4) as u32)
         .define("LANES", MATVEC_LANES)
         .define("UNROLL", unrolled_groups(len))
+}
+
+/// The texture binding of `part` (and its first texel) where `matvec_rows` reads it from its
+/// texture ([`Gpu::weight_textures`]): the part has one, and rows (or windows) of `len`
+/// elements of `dtype` are read 16 bytes a load (unrolled, 32-element blocks but Q5's), which
+/// the texture's row-locating accessors serve; other kernels locate words by division there.
+fn texels_for(part: &WeightPart, dtype: DType, len: usize) -> Option<(Binding<'_>, u32)> {
+    let vec4 = matches!(
+        dtype,
+        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::IQ4_NL
+    );
+    if vec4 && unrolled_groups(len) > 0 {
+        part.texel_binding()
+    } else {
+        None
+    }
 }
 
 /// Whether `matvec_rows` can rotate a projection of `rows` rows for `r`: one token, whole heads
@@ -664,6 +713,35 @@ mod tests {
         let wide = weight_kernel(rows, "matvec_rows", DType::Q4_1);
         let narrow = weight_kernel(narrow_rows(), "matvec_rows", DType::Q4_1);
         assert_eq!(wide == narrow, !rows.wide_weight_loads());
+    }
+
+    #[test]
+    fn decode_mat_vecs_read_interleaved_weight_textures_only_on_cpu_devices() {
+        let [cooperative, rows] = gpus();
+        assert!(!cooperative.weight_textures());
+        assert!(!narrow_rows().weight_textures());
+        let texels = rows.limits().max_texture_dimension_2d >= crate::tensor::TEXEL_ROW;
+        assert_eq!(rows.weight_textures(), texels);
+        // 37 rows of 96 (stride 64 bytes, 4 texels): four groups of 8 and a partial one, and
+        // one group more for reads past a row's end.
+        let (n, k) = (37, 96);
+        for gpu in [cooperative, rows, narrow_rows()] {
+            let w = gpu
+                .upload_weight("w", DType::Q4_1, n, k, &random_weight(DType::Q4_1, n, k, 3))
+                .unwrap();
+            let bytes = w.parts[0].texels.as_ref().map(|t| t.bytes);
+            let expected = gpu.weight_textures().then_some((5 + 1) * 8 * 4 * 16);
+            assert_eq!(bytes, expected, "{}", gpu.name());
+            check(gpu, DType::Q4_1, 1, n, k, 3);
+            // The decode mat-vec ran from the texture where there is one.
+            if gpu.kernel_layout() == KernelLayout::LanePerRow {
+                let key = matvec_rows_key(gpu, DType::Q4_1, k, gpu.weight_textures())
+                    .define("SWIGLU", 0)
+                    .define("ROPE", 0)
+                    .define("QKV", 0);
+                assert!(gpu.pipelines.lookup(&key).is_some(), "{}", gpu.name());
+            }
+        }
     }
 
     #[test]

@@ -84,14 +84,15 @@ pub(crate) mod test_util {
         ]
     }
 
-    /// The lane-per-row layout without 64-bit integers: weights loaded as 32-bit words, as on
-    /// devices that lack them.
+    /// The lane-per-row layout without 64-bit integers or weight textures: weights loaded from
+    /// buffers as 32-bit words, as on devices that lack both.
     pub fn narrow_rows() -> &'static Gpu {
         static NARROW: OnceLock<Gpu> = OnceLock::new();
         NARROW.get_or_init(|| {
             open_with(GpuOptions {
                 layout: Some(KernelLayout::LanePerRow),
                 no_int64: true,
+                no_weight_textures: true,
                 ..Default::default()
             })
         })
