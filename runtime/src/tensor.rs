@@ -40,6 +40,16 @@ pub const IQ4_NL_LEVELS: [i8; 16] = [
 ];
 
 impl DType {
+    /// Whether the decode mat-vec reads weights of this type from their texture copy, where the
+    /// device makes one ([`Gpu::weight_textures`]): the 32-element block types it reads 16
+    /// bytes a load (Q5's high bits and K-quants' super-blocks are read otherwise).
+    pub fn reads_from_texels(self) -> bool {
+        matches!(
+            self,
+            DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::IQ4_NL
+        )
+    }
+
     /// All types the runtime runs, for tests and benchmarks.
     pub const ALL: [DType; 13] = [
         DType::F32,
@@ -708,7 +718,8 @@ impl Gpu {
         }
         self.queue.submit([encoder.finish()]);
         // Textures lay rows on a grid of the row stride from the buffer's start.
-        let texels = if offsets.iter().all(|&o| o.is_multiple_of(kind.2 as u64)) {
+        let on_grid = offsets.iter().all(|&o| o.is_multiple_of(kind.2 as u64));
+        let texels = if on_grid && kind.0.reads_from_texels() {
             self.texels_of(&buffer, kind.2)?
         } else {
             None
@@ -786,6 +797,9 @@ impl Gpu {
     /// through textures ([`Gpu::weight_textures`]). The buffer's contents must be written (or
     /// their copy submitted) first.
     fn attach_texels(&self, weight: &mut Weight) -> Result<()> {
+        if !weight.dtype.reads_from_texels() {
+            return Ok(());
+        }
         for part in &mut weight.parts {
             part.texels = self.texels_of(&part.buffer, weight.row_stride)?;
         }

@@ -509,14 +509,10 @@ fn matvec_rows_key(gpu: &Gpu, dtype: DType, len: usize, texels: bool) -> Pipelin
 
 /// The texture binding of `part` (and its first texel) where `matvec_rows` reads it from its
 /// texture ([`Gpu::weight_textures`]): the part has one, and rows (or windows) of `len`
-/// elements of `dtype` are read 16 bytes a load (unrolled, 32-element blocks but Q5's), which
+/// elements of `dtype` are read 16 bytes a load ([`DType::reads_from_texels`], unrolled), which
 /// the texture's row-locating accessors serve; other kernels locate words by division there.
 fn texels_for(part: &WeightPart, dtype: DType, len: usize) -> Option<(Binding<'_>, u32)> {
-    let vec4 = matches!(
-        dtype,
-        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::IQ4_NL
-    );
-    if vec4 && unrolled_groups(len) > 0 {
+    if dtype.reads_from_texels() && unrolled_groups(len) > 0 {
         part.texel_binding()
     } else {
         None
@@ -733,6 +729,17 @@ mod tests {
             let expected = gpu.weight_textures().then_some((5 + 1) * 8 * 4 * 16);
             assert_eq!(bytes, expected, "{}", gpu.name());
             check(gpu, DType::Q4_1, 1, n, k, 3);
+            // Types the decode mat-vec reads otherwise get no texture.
+            let k_quant = gpu
+                .upload_weight(
+                    "w",
+                    DType::Q4_K,
+                    3,
+                    256,
+                    &random_weight(DType::Q4_K, 3, 256, 4),
+                )
+                .unwrap();
+            assert!(k_quant.parts[0].texels.is_none());
             // The decode mat-vec ran from the texture where there is one.
             if gpu.kernel_layout() == KernelLayout::LanePerRow {
                 let key = matvec_rows_key(gpu, DType::Q4_1, k, gpu.weight_textures())
