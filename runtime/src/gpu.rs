@@ -120,6 +120,26 @@ fn layout_setting(value: Option<&str>) -> Option<KernelLayout> {
     }
 }
 
+/// Whether a `TESSERA_WEIGHT_TEXTURES` value leaves weight textures on (the default): `0`,
+/// `off`, `false` or `no` turn them off, `1`, `on`, `true` or `yes` keep them; any other value
+/// is reported and the default kept.
+fn textures_setting(value: Option<&str>) -> bool {
+    let Some(value) = value else {
+        return true;
+    };
+    match value.trim().to_ascii_lowercase().as_str() {
+        "0" | "off" | "false" | "no" => false,
+        "1" | "on" | "true" | "yes" => true,
+        _ => {
+            log::warn!(
+                "TESSERA_WEIGHT_TEXTURES={value} is not 0/off/false/no or 1/on/true/yes: weight \
+                 textures stay on where the device uses them"
+            );
+            true
+        }
+    }
+}
+
 /// Options for opening a device.
 #[derive(Clone, Debug, Default)]
 pub struct GpuOptions {
@@ -359,16 +379,18 @@ impl Gpu {
             });
         let weight_textures = layout == KernelLayout::LanePerRow
             && !options.no_weight_textures
-            && std::env::var("TESSERA_WEIGHT_TEXTURES").map_or(true, |v| v.trim() != "0")
+            && textures_setting(std::env::var("TESSERA_WEIGHT_TEXTURES").ok().as_deref())
             && limits.max_texture_dimension_2d >= crate::tensor::TEXEL_ROW;
         log::info!(
-            "device: {} ({:?}, {:?}), driver {} {}, storage binding limit {} MiB",
+            "device: {} ({:?}, {:?}), driver {} {}, storage binding limit {} MiB, weight \
+             textures {}",
             info.name,
             info.backend,
             info.device_type,
             info.driver,
             info.driver_info,
-            max_binding >> 20
+            max_binding >> 20,
+            if weight_textures { "on" } else { "off" }
         );
         let pipelines = match &options.pipeline_cache_dir {
             Some(dir) if required_features.contains(wgpu::Features::PIPELINE_CACHE) => {
@@ -485,6 +507,17 @@ mod tests {
             Some(KernelLayout::Cooperative)
         );
         assert_eq!(layout_setting(Some("lanes")), None);
+    }
+
+    #[test]
+    fn the_textures_setting_turns_them_off_only_when_asked() {
+        assert!(textures_setting(None));
+        for off in ["0", " off ", "FALSE", "no"] {
+            assert!(!textures_setting(Some(off)), "{off:?}");
+        }
+        for on in ["1", "on", "True", "yes", "garbage", ""] {
+            assert!(textures_setting(Some(on)), "{on:?}");
+        }
     }
 
     #[test]
