@@ -4,7 +4,7 @@
 //! A weight larger than the device's storage-binding limit is split into row ranges, each its
 //! own buffer; kernels run once per part.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use half::f16;
 
@@ -428,15 +428,16 @@ pub struct WeightTexels {
 }
 
 /// One row range of a weight: its rows from byte `offset` of a buffer, which it has to itself
-/// or shares with other weights laid out after it ([`Gpu::join_weights`]), and where the device
-/// reads weights through textures, the whole buffer as one ([`WeightTexels`]).
+/// or shares with other weights laid out after it ([`Gpu::join_weights`]), and the buffer's
+/// texture copy ([`WeightTexels`]), made when a kernel first asks for it and shared by every
+/// part of the buffer.
 pub struct WeightPart {
     pub(crate) buffer: wgpu::Buffer,
     /// Byte of the buffer where the part's first row starts.
     pub(crate) offset: u64,
     pub row_start: usize,
     pub rows: usize,
-    pub(crate) texels: Option<Arc<WeightTexels>>,
+    pub(crate) texels: Arc<OnceLock<Option<WeightTexels>>>,
 }
 
 impl WeightPart {
@@ -447,10 +448,21 @@ impl WeightPart {
         Binding::buffer_range(&self.buffer, self.offset, size)
     }
 
-    /// The part's texture binding and its first row's texel there, where it has a texture.
-    pub(crate) fn texel_binding(&self) -> Option<(Binding<'_>, u32)> {
-        let texels = self.texels.as_ref()?;
-        Some((Binding::texture(&texels.view), (self.offset / 16) as u32))
+    /// The part's texture binding and its first row's texel there, for rows `row_stride` bytes
+    /// apart, the texture made on first use; `None` where the device makes none (see
+    /// [`Gpu::weight_textures`]).
+    pub(crate) fn texel_binding(
+        &self,
+        gpu: &Gpu,
+        row_stride: usize,
+    ) -> Result<Option<(Binding<'_>, u32)>> {
+        if self.texels.get().is_none() {
+            let made = gpu.texels_of(&self.buffer, row_stride)?;
+            // Another thread may have made it meanwhile: either copy serves.
+            let _ = self.texels.set(made);
+        }
+        let texels = self.texels.get().and_then(Option::as_ref);
+        Ok(texels.map(|t| (Binding::texture(&t.view), (self.offset / 16) as u32)))
     }
 }
 
@@ -608,27 +620,24 @@ impl Gpu {
             )));
         }
         let stride = dtype.row_stride(cols)?;
-        let mut weight =
-            self.weight_parts(name, dtype, rows, cols, true, |buffer, row_start, n| {
-                let chunk = &bytes[row_start * row_bytes..(row_start + n) * row_bytes];
-                {
-                    let mut view = buffer
-                        .get_mapped_range_mut(..)
-                        .map_err(|e| RuntimeError::Device(format!("mapping `{name}`: {e}")))?;
-                    if stride == row_bytes {
-                        view.slice(..chunk.len()).copy_from_slice(chunk);
-                    } else {
-                        for (r, row) in chunk.chunks_exact(row_bytes).enumerate() {
-                            view.slice(r * stride..r * stride + row_bytes)
-                                .copy_from_slice(row);
-                        }
+        self.weight_parts(name, dtype, rows, cols, true, |buffer, row_start, n| {
+            let chunk = &bytes[row_start * row_bytes..(row_start + n) * row_bytes];
+            {
+                let mut view = buffer
+                    .get_mapped_range_mut(..)
+                    .map_err(|e| RuntimeError::Device(format!("mapping `{name}`: {e}")))?;
+                if stride == row_bytes {
+                    view.slice(..chunk.len()).copy_from_slice(chunk);
+                } else {
+                    for (r, row) in chunk.chunks_exact(row_bytes).enumerate() {
+                        view.slice(r * stride..r * stride + row_bytes)
+                            .copy_from_slice(row);
                     }
                 }
-                buffer.unmap();
-                Ok(())
-            })?;
-        self.attach_texels(&mut weight)?;
-        Ok(weight)
+            }
+            buffer.unmap();
+            Ok(())
+        })
     }
 
     /// A `[rows, cols]` weight of valid random blocks made on the device, for benchmarks: the
@@ -665,7 +674,7 @@ impl Gpu {
         }
         source.unmap();
         let mut encoder = self.device.create_command_encoder(&Default::default());
-        let mut weight = self.weight_parts(name, dtype, rows, cols, false, |buffer, _, n| {
+        let weight = self.weight_parts(name, dtype, rows, cols, false, |buffer, _, n| {
             // Rows are whole strides (multiples of 16 bytes), so every copy starts aligned.
             for first in (0..n).step_by(pattern_rows) {
                 let len = (pattern_rows.min(n - first) * stride) as u64;
@@ -675,7 +684,6 @@ impl Gpu {
             Ok(())
         })?;
         self.queue.submit([encoder.finish()]);
-        self.attach_texels(&mut weight)?;
         Ok(weight)
     }
 
@@ -717,13 +725,7 @@ impl Gpu {
             encoder.copy_buffer_to_buffer(&part.buffer, part.offset, &buffer, at, len);
         }
         self.queue.submit([encoder.finish()]);
-        // Textures lay rows on a grid of the row stride from the buffer's start.
-        let on_grid = offsets.iter().all(|&o| o.is_multiple_of(kind.2 as u64));
-        let texels = if on_grid && kind.0.reads_from_texels() {
-            self.texels_of(&buffer, kind.2)?
-        } else {
-            None
-        };
+        let texels = Arc::new(OnceLock::new());
         Ok(weights
             .into_iter()
             .zip(offsets)
@@ -780,7 +782,7 @@ impl Gpu {
                 offset: 0,
                 row_start,
                 rows: n,
-                texels: None,
+                texels: Arc::new(OnceLock::new()),
             });
             row_start += n;
         }
@@ -793,29 +795,16 @@ impl Gpu {
         })
     }
 
-    /// Gives each part of `weight` a texture copy of its buffer where the device reads weights
-    /// through textures ([`Gpu::weight_textures`]). The buffer's contents must be written (or
-    /// their copy submitted) first.
-    fn attach_texels(&self, weight: &mut Weight) -> Result<()> {
-        if !weight.dtype.reads_from_texels() {
-            return Ok(());
-        }
-        for part in &mut weight.parts {
-            part.texels = self.texels_of(&part.buffer, weight.row_stride)?;
-        }
-        Ok(())
-    }
-
     /// A texture copy of `buffer`, rows of `row_stride` bytes from its first byte, their groups
     /// of 8 interleaved ([`WeightTexels`], `weight_texels.wgsl`), recorded on the queue after
     /// what was submitted before. `None` where the device reads weights from buffers, or the
     /// texture would need more rows than the device allows (the weight is then read from the
     /// buffer).
-    fn texels_of(
+    pub(crate) fn texels_of(
         &self,
         buffer: &wgpu::Buffer,
         row_stride: usize,
-    ) -> Result<Option<Arc<WeightTexels>>> {
+    ) -> Result<Option<WeightTexels>> {
         let texels = buffer.size() / 16;
         let row_texels = (row_stride / 16) as u64;
         if !self.weight_textures() || row_texels == 0 || !row_stride.is_multiple_of(16) {
@@ -861,11 +850,11 @@ impl Gpu {
             groups,
         )?;
         rec.submit()?;
-        Ok(Some(Arc::new(WeightTexels {
+        Ok(Some(WeightTexels {
             view,
             _texture: texture,
             bytes: total * 16,
-        })))
+        }))
     }
 
     /// Copies a tensor back to the host.

@@ -323,8 +323,11 @@ fn matvec_part(
     let groups = split_groups(rec.gpu(), lanes.div_ceil(MATVEC_LANES), 1);
     for (i, (&(start, len), x_range)) in windows.iter().zip(x_ranges).enumerate() {
         // W (and the up projection) as textures where the kernel reads them so and all have one.
-        let up_texels = fusion.up.map(|up| texels_for(&up.parts[0], up.dtype, len));
-        let texels = match (texels_for(part, w.dtype, len), up_texels) {
+        let up_texels = match fusion.up {
+            Some(up) => Some(texels_for(rec, &up.parts[0], up, len)?),
+            None => None,
+        };
+        let texels = match (texels_for(rec, part, w, len)?, up_texels) {
             (Some(w), None) => Some((w, None)),
             (Some(w), Some(Some(up))) => Some((w, Some(up))),
             _ => None,
@@ -460,7 +463,10 @@ pub fn matvec_qkv(
     let on_grid = [k_base, v_base]
         .iter()
         .all(|b| b.is_multiple_of(row_bytes as u64));
-    let texels = texels_for(part, q.w.dtype, cols).filter(|_| on_grid);
+    let texels = match on_grid {
+        true => texels_for(rec, part, q.w, cols)?,
+        false => None,
+    };
     let key = matvec_rows_key(rec.gpu(), q.w.dtype, cols, texels.is_some())
         .define("SWIGLU", 0)
         .define("ROPE", 0)
@@ -507,15 +513,22 @@ fn matvec_rows_key(gpu: &Gpu, dtype: DType, len: usize, texels: bool) -> Pipelin
         .define("UNROLL", unrolled_groups(len))
 }
 
-/// The texture binding of `part` (and its first texel) where `matvec_rows` reads it from its
-/// texture ([`Gpu::weight_textures`]): the part has one, and rows (or windows) of `len`
-/// elements of `dtype` are read 16 bytes a load ([`DType::reads_from_texels`], unrolled), which
-/// the texture's row-locating accessors serve; other kernels locate words by division there.
-fn texels_for(part: &WeightPart, dtype: DType, len: usize) -> Option<(Binding<'_>, u32)> {
-    if dtype.reads_from_texels() && unrolled_groups(len) > 0 {
-        part.texel_binding()
+/// The texture binding of `part` of `w` (and its first texel) where `matvec_rows` reads it
+/// from its texture ([`Gpu::weight_textures`], made here on first use): rows (or windows) of
+/// `len` elements of w's type are read 16 bytes a load ([`DType::reads_from_texels`],
+/// unrolled), which the texture's row-locating accessors serve (other kernels locate words by
+/// division there), and the part starts on the texture's grid of whole rows.
+fn texels_for<'a>(
+    rec: &Recorder,
+    part: &'a WeightPart,
+    w: &Weight,
+    len: usize,
+) -> Result<Option<(Binding<'a>, u32)>> {
+    let on_grid = part.offset.is_multiple_of(w.row_stride as u64);
+    if w.dtype.reads_from_texels() && unrolled_groups(len) > 0 && on_grid {
+        part.texel_binding(rec.gpu(), w.row_stride)
     } else {
-        None
+        Ok(None)
     }
 }
 
@@ -658,14 +671,20 @@ mod tests {
     fn check(gpu: &Gpu, dtype: DType, m: usize, n: usize, k: usize, seed: u64) {
         let bytes = random_weight(dtype, n, k, seed);
         let w = gpu.upload_weight("w", dtype, n, k, &bytes).unwrap();
+        check_weight(gpu, &w, &bytes, m, seed);
+    }
+
+    /// `linear` of `m` random rows of x through `w` (made from `bytes`) against the reference.
+    fn check_weight(gpu: &Gpu, w: &Weight, bytes: &[u8], m: usize, seed: u64) {
+        let (dtype, n, k) = (w.dtype, w.rows, w.cols);
         let x = random_f32(m * k, seed + 1);
         let xt = gpu.tensor_from(&[m, k], &x).unwrap();
         let yt = gpu.tensor(&[m, n]).unwrap();
         let mut rec = Recorder::new(gpu);
-        linear(&mut rec, &w, &xt, m, &yt, LinearOut::dense(n)).unwrap();
+        linear(&mut rec, w, &xt, m, &yt, LinearOut::dense(n)).unwrap();
         rec.submit().unwrap();
         let got = gpu.read(&yt).unwrap();
-        let want = linear_ref(&bytes, &w, &x, m);
+        let want = linear_ref(bytes, w, &x, m);
         let err = max_rel_err(&got, &want);
         assert!(
             err < 1e-4,
@@ -721,25 +740,21 @@ mod tests {
         // 37 rows of 96 (stride 64 bytes, 4 texels): four groups of 8 and a partial one, and
         // one group more for reads past a row's end.
         let (n, k) = (37, 96);
+        let made = |w: &Weight| w.parts[0].texels.get().map(|t| t.as_ref().map(|t| t.bytes));
         for gpu in [cooperative, rows, narrow_rows()] {
-            let w = gpu
-                .upload_weight("w", DType::Q4_1, n, k, &random_weight(DType::Q4_1, n, k, 3))
-                .unwrap();
-            let bytes = w.parts[0].texels.as_ref().map(|t| t.bytes);
-            let expected = gpu.weight_textures().then_some((5 + 1) * 8 * 4 * 16);
-            assert_eq!(bytes, expected, "{}", gpu.name());
-            check(gpu, DType::Q4_1, 1, n, k, 3);
-            // Types the decode mat-vec reads otherwise get no texture.
-            let k_quant = gpu
-                .upload_weight(
-                    "w",
-                    DType::Q4_K,
-                    3,
-                    256,
-                    &random_weight(DType::Q4_K, 3, 256, 4),
-                )
-                .unwrap();
-            assert!(k_quant.parts[0].texels.is_none());
+            let bytes = random_weight(DType::Q4_1, n, k, 3);
+            let w = gpu.upload_weight("w", DType::Q4_1, n, k, &bytes).unwrap();
+            // Made when the decode mat-vec first asks, which only lane-per-row devices do.
+            assert_eq!(made(&w), None, "{}", gpu.name());
+            check_weight(gpu, &w, &bytes, 1, 3);
+            let expected = (gpu.kernel_layout() == KernelLayout::LanePerRow)
+                .then(|| gpu.weight_textures().then_some((5 + 1) * 8 * 4 * 16));
+            assert_eq!(made(&w), expected, "{}", gpu.name());
+            // Types the decode mat-vec reads otherwise never ask for one.
+            let bytes = random_weight(DType::Q4_K, 3, 256, 4);
+            let k_quant = gpu.upload_weight("w", DType::Q4_K, 3, 256, &bytes).unwrap();
+            check_weight(gpu, &k_quant, &bytes, 1, 4);
+            assert_eq!(made(&k_quant), None);
             // The decode mat-vec ran from the texture where there is one.
             if gpu.kernel_layout() == KernelLayout::LanePerRow {
                 let key = matvec_rows_key(gpu, DType::Q4_1, k, gpu.weight_textures())
