@@ -24,6 +24,10 @@
 // rotated as with ROPE = 1 (their heads share the parameters), value pairs are adjacent rows.
 // Keys and values land in `y_k` and `y_v` (the caches) through `store_kv`, which the runtime
 // declares with them (`QKV_OUTPUTS`).
+//
+// With NORM = 1 (with SWIGLU or QKV, whole rows) x is the residual stream and the kernel applies
+// the RMSNorm before it (weight `norm_w`, bound after the kernel's other bindings; the runtime's
+// `norm_input`): one dispatch fewer for each norm of a decode step.
 
 struct Params {
     n: u32,          // rows in this part of W
@@ -53,6 +57,8 @@ struct Params {
     // WTEX only (weights bound as textures):
     w_texel: u32,    // texel of binding 1 where W's first row starts
     w_texel_b: u32,  // SWIGLU: texel of binding 4 where the up projection starts
+    // NORM only:
+    norm_eps: f32,   // RMSNorm's epsilon
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -74,6 +80,17 @@ fn store(n: u32, value: f32) {
             y[i] = value;
         }
     }
+}
+
+// RMSNorm folded in (NORM = 1): y = W RMSNorm(x) = rms_scale() W (norm_w * x). Before the
+// groups, `norm_x(i)` (the runtime's) adds x[i]'s squares into `xsq` and keeps x[i] norm_w[i]
+// for `xin(i)`, once for both rows of a lane: scaling x inside every group's dot product
+// instead made decoding slower than the separate norm's dispatch did (lavapipe). Unrolled,
+// with constant indices: a loop over x would load it lane by lane.
+var<private> xsq: vec4<f32>;
+
+fn rms_scale() -> f32 {
+    return inverseSqrt(sum4(xsq) / f32(p.k) + p.norm_eps);
 }
 
 // The lane's two rows (byte offsets) and their sums so far.
@@ -131,26 +148,26 @@ fn block_dot(w: array<u32, 12>, at: u32, b: u32, xsum: f32) -> f32 {
         let dm = unpack2x16float(w[at / 4u]);
         for (var j = 0u; j < 4u; j++) {
             let q = w[at / 4u + 1u + j];
-            s = fma(u4x4(q), x[8u * b + j], s);
-            s = fma(u4x4(q >> 4u), x[8u * b + j + 4u], s);
+            s = fma(u4x4(q), xin(8u * b + j), s);
+            s = fma(u4x4(q >> 4u), xin(8u * b + j + 4u), s);
         }
         return fma(dm.x, sum4(s), dm.y * xsum);
     }
     let d = unpack2x16float(w[at / 4u] >> ((at % 4u) * 8u)).x;
     if (WTYPE == 8u) {
         for (var j = 0u; j < 8u; j++) {
-            s = fma(i8x4(word_at(w, at + 2u + 4u * j)), x[8u * b + j], s);
+            s = fma(i8x4(word_at(w, at + 2u + 4u * j)), xin(8u * b + j), s);
         }
         return d * sum4(s);
     }
     for (var j = 0u; j < 4u; j++) {
         let q = word_at(w, at + 2u + 4u * j);
         if (WTYPE == 2u) {
-            s = fma(u4x4(q), x[8u * b + j], s);
-            s = fma(u4x4(q >> 4u), x[8u * b + j + 4u], s);
+            s = fma(u4x4(q), xin(8u * b + j), s);
+            s = fma(u4x4(q >> 4u), xin(8u * b + j + 4u), s);
         } else {
-            s = fma(iq4x4(q), x[8u * b + j], s);
-            s = fma(iq4x4(q >> 4u), x[8u * b + j + 4u], s);
+            s = fma(iq4x4(q), xin(8u * b + j), s);
+            s = fma(iq4x4(q >> 4u), xin(8u * b + j + 4u), s);
         }
     }
     if (WTYPE == 2u) {
@@ -177,7 +194,7 @@ fn accumulate_group(b: u32) {
         var xs = vec4<f32>(0.0);
         if (WTYPE == 2u || WTYPE == 3u) {
             for (var j = 0u; j < 8u; j++) {
-                xs += x[8u * b + j];
+                xs += xin(8u * b + j);
             }
         }
         acc0 += block_dot(w0, at, b, sum4(xs));
@@ -189,7 +206,7 @@ fn accumulate_group(b: u32) {
     var s0 = vec4<f32>(0.0);
     var s1 = vec4<f32>(0.0);
     for (var j = 0u; j < 8u; j++) {
-        let xv = x[8u * b + j];
+        let xv = xin(8u * b + j);
         s0 += w0[j] * xv;
         s1 += w1[j] * xv;
     }
@@ -257,6 +274,16 @@ fn main(
     row1 += p.w_offset;
     acc0 = 0.0;
     acc1 = 0.0;
+    xsq = vec4<f32>(0.0);
+    var scale = 1.0;
+    if (NORM == 1u) {
+        // The first UNROLL groups' squares with constant indices, then the rest in a loop.
+        // @unrolled-squares
+        for (var g = 8u * UNROLL; g < p.k / 4u; g++) {
+            norm_x(g);
+        }
+        scale = rms_scale();
+    }
     // 32-element groups for K-quants too: a pair of groups for each of two rows
     // (`dequant_group_pair`) needs more registers than the device has. (The runtime sends
     // K-quants to `linear_rows.wgsl`, where they run as fast; measured on lavapipe.)
@@ -270,9 +297,13 @@ fn main(
     }
     // F32 and F16 rows need not be whole groups of 32.
     for (var g = 8u * blocks; g < p.k / 4u; g++) {
-        let xv = x[g];
+        let xv = xin(g);
         acc0 += dot(dequant4(row0, g), xv);
         acc1 += dot(dequant4(row1, g), xv);
+    }
+    if (NORM == 1u) {
+        acc0 *= scale;
+        acc1 *= scale;
     }
     if (SWIGLU == 1u) {
         store(n0, acc0 / (1.0 + exp(-acc0)) * acc1);

@@ -197,6 +197,7 @@ pub fn assemble(family: &str, defines: &[(&'static str, u32)]) -> Option<String>
         } else {
             NO_QKV_OUTPUTS
         });
+        text.push_str(&norm_input(defines));
     }
     match defines.iter().find(|(name, _)| *name == "UNROLL") {
         Some(&(_, groups)) if groups > 0 => text.push_str(&unroll_groups(&body, groups)),
@@ -208,7 +209,11 @@ pub fn assemble(family: &str, defines: &[(&'static str, u32)]) -> Option<String>
 /// The line a kernel marks where `accumulate_group(b)` runs for each of its UNROLL groups.
 const UNROLL_MARKER: &str = "// @unrolled-groups";
 
-/// `body` with its unroll marker replaced by one `accumulate_group(b);` per group, b constant:
+/// The line `matvec_rows` marks where `norm_x(i)` runs for each 4 elements of its UNROLL groups.
+const SQUARES_MARKER: &str = "// @unrolled-squares";
+
+/// `body` with its unroll marker replaced by one `accumulate_group(b);` per group, b constant,
+/// and its squares marker by one `norm_x(i);` for each 4 elements of those groups:
 /// on CPU devices a load whose index is a constant is one scalar load for all SIMD lanes, where an
 /// index that depends on a loop counter is gathered lane by lane (llvmpipe asks whether an
 /// index is uniform only by its form, not by its value).
@@ -216,7 +221,11 @@ fn unroll_groups(body: &str, groups: u32) -> String {
     let calls: String = (0..groups)
         .map(|b| format!("accumulate_group({b}u);\n"))
         .collect();
+    let squares: String = (0..groups * 8)
+        .map(|i| format!("norm_x({i}u);\n"))
+        .collect();
     body.replace(UNROLL_MARKER, &calls)
+        .replace(SQUARES_MARKER, &squares)
 }
 
 /// The weights' bindings and their accessors, which `quant.wgsl` and the kernels read them
@@ -418,6 +427,36 @@ fn store_kv(seg: u32, n: u32, value: f32) {
 }
 ";
 
+/// How `matvec_rows` reads x: `xin(i)`, its i-th 4 elements; with NORM = 1 the same times the
+/// RMSNorm weight's (bound after the kernel's other bindings: the up projection's with
+/// SWIGLU = 1, the caches with QKV = 1), which `norm_x(i)` computes once into a private copy
+/// and whose squares it sums (see `matvec_rows.wgsl`).
+fn norm_input(defines: &[(&'static str, u32)]) -> String {
+    if !defines.contains(&("NORM", 1)) {
+        return "fn xin(i: u32) -> vec4<f32> {\n    return x[i];\n}\nfn norm_x(i: u32) {}\n".into();
+    }
+    let binding = if defines.contains(&("QKV", 1)) {
+        6
+    } else if defines.contains(&("SWIGLU", 1)) {
+        5
+    } else {
+        4
+    };
+    format!(
+        "@group(0) @binding({binding}) var<uniform> norm_w: array<vec4<f32>, XV>;
+var<private> x_normed: array<vec4<f32>, XV>;
+fn norm_x(i: u32) {{
+    let v = x[i];
+    xsq = fma(v, v, xsq);
+    x_normed[i] = v * norm_w[i];
+}}
+fn xin(i: u32) -> vec4<f32> {{
+    return x_normed[i];
+}}
+"
+    )
+}
+
 /// `store_kv` where there are no key and value outputs: never called.
 const NO_QKV_OUTPUTS: &str = "fn store_kv(seg: u32, n: u32, value: f32) {}
 ";
@@ -471,13 +510,17 @@ mod tests {
                         all.push(("linear_rows_ux", d));
                     }
                     // A loop over the row's groups, and the row's 3 groups unrolled.
-                    for (swiglu, rope, qkv, unroll) in [
-                        (0, 0, 0, 0),
-                        (1, 0, 0, 0),
-                        (0, 1, 0, 3),
-                        (1, 0, 0, 3),
-                        (0, 0, 1, 0),
-                        (0, 0, 1, 3),
+                    for (swiglu, rope, qkv, norm, unroll) in [
+                        (0, 0, 0, 0, 0),
+                        (1, 0, 0, 0, 0),
+                        (0, 1, 0, 0, 3),
+                        (1, 0, 0, 0, 3),
+                        (0, 0, 1, 0, 0),
+                        (0, 0, 1, 0, 3),
+                        (1, 0, 0, 1, 0),
+                        (1, 0, 0, 1, 3),
+                        (0, 0, 1, 1, 3),
+                        (0, 1, 0, 1, 3),
                     ] {
                         let mut d = defines.clone();
                         d.extend([
@@ -485,6 +528,7 @@ mod tests {
                             ("SWIGLU", swiglu),
                             ("ROPE", rope),
                             ("QKV", qkv),
+                            ("NORM", norm),
                             ("LANES", 16),
                             ("UNROLL", unroll),
                         ]);

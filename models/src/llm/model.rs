@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use tessera_runtime::io::gguf::GgufFile;
-use tessera_runtime::ops::{self, AttentionParams, LinearOut, Projection, RopeParams};
+use tessera_runtime::ops::{self, AttentionParams, LinearOut, Normed, Projection, RopeParams};
 use tessera_runtime::{dequantize_row, DType, Gpu, KernelLayout, Recorder, Tensor, Weight};
 
 use crate::llm::observe::{Observations, ObserveOptions, Observer, Pending, Site};
@@ -633,8 +633,12 @@ impl<'m> Session<'m> {
             let (kc, vc) = (&self.k_cache[l], &self.v_cache[l]);
             // Attention: K and V are written straight into the cache, then rotated there (in the
             // projection's kernel where the device has one).
-            ops::rmsnorm(rec, &s.x, &layer.attn_norm, &s.xn, n, d, c.rms_eps)?;
-            observe(rec, l, Site::AttnNorm, &s.xn)?;
+            let attn_in = Normed {
+                x: &s.x,
+                weight: &layer.attn_norm,
+                eps: c.rms_eps,
+                scratch: &s.xn,
+            };
             let (q_rope, k_rope) = (rope(c.n_head, 0, dq), rope(c.n_head_kv, pos0 * dkv, dkv));
             let q = Projection {
                 w: &layer.attn_q,
@@ -654,24 +658,35 @@ impl<'m> Session<'m> {
                 out: to_cache,
                 rope: None,
             };
-            ops::linear_qkv(rec, &s.xn, n, q, k, v)?;
+            // The norm runs in the projections' kernel where the device has one (decoding),
+            // except where the observer needs its output.
+            if observer.is_some() {
+                let xn = attn_in.run(rec, n)?;
+                observe(rec, l, Site::AttnNorm, xn)?;
+                ops::linear_qkv(rec, xn, n, q, k, v)?;
+            } else {
+                ops::rmsnorm_qkv(rec, attn_in, n, q, k, v)?;
+            }
             ops::attention(rec, &s.q, kc, vc, &s.attn, &attention)?;
             observe(rec, l, Site::Attention, &s.attn)?;
             ops::linear(rec, &layer.attn_output, &s.attn, n, &s.x, residual)?;
 
             // Feed-forward: SwiGLU, its down projection added into the residual stream.
-            ops::rmsnorm(rec, &s.x, &layer.ffn_norm, &s.xn, n, d, c.rms_eps)?;
-            observe(rec, l, Site::FfnNorm, &s.xn)?;
-            // One kernel for gate, up and SwiGLU where the device has it (decoding).
-            ops::gate_up_swiglu(
-                rec,
-                &layer.ffn_gate,
-                &layer.ffn_up,
-                &s.xn,
-                n,
-                &s.gate,
-                &s.up,
-            )?;
+            // One kernel for the norm, gate, up and SwiGLU where the device has it (decoding).
+            let ffn_in = Normed {
+                x: &s.x,
+                weight: &layer.ffn_norm,
+                eps: c.rms_eps,
+                scratch: &s.xn,
+            };
+            let (gate, up) = (&layer.ffn_gate, &layer.ffn_up);
+            if observer.is_some() {
+                let xn = ffn_in.run(rec, n)?;
+                observe(rec, l, Site::FfnNorm, xn)?;
+                ops::gate_up_swiglu(rec, gate, up, xn, n, &s.gate, &s.up)?;
+            } else {
+                ops::rmsnorm_gate_up_swiglu(rec, gate, up, ffn_in, n, &s.gate, &s.up)?;
+            }
             observe(rec, l, Site::SwiGlu, &s.gate)?;
             ops::linear(rec, &layer.ffn_down, &s.gate, n, &s.x, residual)?;
         }

@@ -203,6 +203,49 @@ pub fn gate_up_swiglu(
     crate::ops::swiglu(rec, out, up_out, m * n)
 }
 
+/// A projection's input as RMSNorm of `x` by `weight` (`[k]`): folded into the decode mat-vec
+/// where it can take it (one row, on CPU devices: it sums x's squares as it reads x), else run
+/// first into `scratch` (x's shape), which the projections then read.
+#[derive(Clone, Copy)]
+pub struct Normed<'a> {
+    pub x: &'a Tensor,
+    pub weight: &'a Tensor,
+    pub eps: f32,
+    pub scratch: &'a Tensor,
+}
+
+impl<'a> Normed<'a> {
+    /// Records the norm into `scratch` for the `m` rows, and returns it.
+    pub fn run(&self, rec: &mut Recorder, m: usize) -> Result<&'a Tensor> {
+        let k = self.weight.len();
+        crate::ops::rmsnorm(rec, self.x, self.weight, self.scratch, m, k, self.eps)?;
+        Ok(self.scratch)
+    }
+}
+
+/// [`gate_up_swiglu`] of RMSNorm(x): one dispatch for norm, both projections and SwiGLU where
+/// [`matvec_fused`] takes them, else the norm and then [`gate_up_swiglu`].
+pub fn rmsnorm_gate_up_swiglu(
+    rec: &mut Recorder,
+    gate: &Weight,
+    up: &Weight,
+    input: Normed,
+    m: usize,
+    out: &Tensor,
+    up_out: &Tensor,
+) -> Result<()> {
+    let fusion = Fusion {
+        up: Some(up),
+        norm: Some(input),
+        ..Fusion::default()
+    };
+    if m == 1 && matvec_fused(rec, gate, input.x, out, LinearOut::dense(gate.rows), fusion)? {
+        return Ok(());
+    }
+    let xn = input.run(rec, m)?;
+    gate_up_swiglu(rec, gate, up, xn, m, out, up_out)
+}
+
 /// What a decode mat-vec on CPU devices ([`matvec_fused`]) does besides `x W^T`.
 #[derive(Clone, Copy, Default)]
 pub struct Fusion<'a> {
@@ -210,6 +253,8 @@ pub struct Fusion<'a> {
     pub up: Option<&'a Weight>,
     /// Rotary position embedding of the result (one token).
     pub rope: Option<&'a RopeParams>,
+    /// RMSNorm of x first (its `x` is the kernel's x; its scratch is not used).
+    pub norm: Option<Normed<'a>>,
 }
 
 /// Records `y = silu(x gate^T) * (x up^T)` for one row of x (decoding), in one dispatch, where
@@ -297,11 +342,22 @@ fn matvec_part(
     if let Some(r) = fusion.rope {
         fits &= rope_fits(r, n) && !out.accumulate;
     }
+    if let Some(norm) = fusion.norm {
+        fits &= whole && norm.weight.len() == k && out.x_offset == 0 && unrolled_groups(k) > 0;
+    }
     if !fits {
         return Ok(false);
     }
+    let norm_w = match fusion.norm {
+        Some(norm) => match uniform_x(rec, norm.weight, 0, k) {
+            Some(range) => Some(range),
+            None => return Ok(false),
+        },
+        None => None,
+    };
     // Every window's x must bind as uniform before anything is recorded.
-    let windows = column_windows(k, fusion.up.is_some() || fusion.rope.is_some());
+    let fused = fusion.up.is_some() || fusion.rope.is_some() || fusion.norm.is_some();
+    let windows = column_windows(k, fused);
     let mut x_ranges = Vec::with_capacity(windows.len());
     for &(start, len) in &windows {
         match uniform_x(rec, x, out.x_offset + start, len) {
@@ -335,7 +391,8 @@ fn matvec_part(
         let key = matvec_rows_key(rec.gpu(), w.dtype, len, texels.is_some())
             .define("SWIGLU", fusion.up.is_some() as u32)
             .define("ROPE", fusion.rope.is_some() as u32)
-            .define("QKV", 0);
+            .define("QKV", 0)
+            .define("NORM", fusion.norm.is_some() as u32);
         // Windows after the first add into y.
         let out = LinearOut {
             accumulate: out.accumulate || i > 0,
@@ -363,6 +420,8 @@ fn matvec_part(
             }
             None => params.extend([0, 0]),
         }
+        params.push(fusion.norm.map_or(0, |norm| norm.eps.to_bits()));
+        bindings.extend(norm_w);
         rec.dispatch(&key, &params, &bindings, groups)?;
     }
     Ok(true)
@@ -399,7 +458,7 @@ pub fn linear_qkv(
     k: Projection,
     v: Projection,
 ) -> Result<()> {
-    if m == 1 && matvec_qkv(rec, x, q, k, v)? {
+    if m == 1 && matvec_qkv(rec, x, None, q, k, v)? {
         return Ok(());
     }
     for p in [q, k, v] {
@@ -408,15 +467,33 @@ pub fn linear_qkv(
     Ok(())
 }
 
+/// [`linear_qkv`] of RMSNorm(x): one dispatch for the norm and the three projections where
+/// [`matvec_qkv`] takes them, else the norm and then [`linear_qkv`].
+pub fn rmsnorm_qkv(
+    rec: &mut Recorder,
+    input: Normed,
+    m: usize,
+    q: Projection,
+    k: Projection,
+    v: Projection,
+) -> Result<()> {
+    if m == 1 && matvec_qkv(rec, input.x, Some(input), q, k, v)? {
+        return Ok(());
+    }
+    let xn = input.run(rec, m)?;
+    linear_qkv(rec, xn, m, q, k, v)
+}
+
 /// Records the query, key and value projections of one row of x in one dispatch of
 /// `matvec_rows.wgsl` (QKV = 1), where the device and weights allow it: the lane-per-row layout;
 /// K and V after Q in Q's buffer, of Q's type (32-element blocks) and row length, which x binds
 /// whole as uniform; queries and keys rotated alike for one token (only the number of heads
-/// may differ); values not rotated; no accumulation. Returns `false`, recording nothing,
-/// otherwise.
+/// may differ); values not rotated; no accumulation. With `norm`, x is first normalised (in the
+/// kernel). Returns `false`, recording nothing, otherwise.
 pub fn matvec_qkv(
     rec: &mut Recorder,
     x: &Tensor,
+    norm: Option<Normed>,
     q: Projection,
     k: Projection,
     v: Projection,
@@ -443,12 +520,22 @@ pub fn matvec_qkv(
         // Q's rows, then K's, then V's, so that one binding from Q covers all three.
         && k_base >= (q.w.rows * q.w.row_stride) as u64
         && k_base + (kv_rows * q.w.row_stride) as u64 <= v_base
-        && u32::try_from(v_base).is_ok();
+        && u32::try_from(v_base).is_ok()
+        && norm.is_none_or(|n| {
+            n.weight.len() == cols && q.out.x_offset == 0 && unrolled_groups(cols) > 0
+        });
     if !fits {
         return Ok(false);
     }
     let Some(x_range) = uniform_x(rec, x, q.out.x_offset, cols) else {
         return Ok(false);
+    };
+    let norm_w = match norm {
+        Some(n) => match uniform_x(rec, n.weight, 0, cols) {
+            Some(range) => Some(range),
+            None => return Ok(false),
+        },
+        None => None,
     };
     check_len(
         "the query projection's output",
@@ -470,7 +557,8 @@ pub fn matvec_qkv(
     let key = matvec_rows_key(rec.gpu(), q.w.dtype, cols, texels.is_some())
         .define("SWIGLU", 0)
         .define("ROPE", 0)
-        .define("QKV", 1);
+        .define("QKV", 1)
+        .define("NORM", norm.is_some() as u32);
     let mut params = kernel_params(part, cols, row_bytes as u32, q.out);
     // One row of x, no up projection; the rotation; whole rows (no column window).
     params.extend([1, 0]);
@@ -495,7 +583,9 @@ pub fn matvec_qkv(
             Binding::buffer_range(&part.buffer, part.offset, span)
         }
     };
-    let bindings = [weights, x_range, q.y.bind(), k.y.bind(), v.y.bind()];
+    params.push(norm.map_or(0, |n| n.eps.to_bits()));
+    let mut bindings = vec![weights, x_range, q.y.bind(), k.y.bind(), v.y.bind()];
+    bindings.extend(norm_w);
     // A lane for each pair of rows: query and key pairs, then value pairs.
     let lanes = ((q.w.rows + 2 * kv_rows) / 2) as u32;
     let groups = split_groups(rec.gpu(), lanes.div_ceil(MATVEC_LANES), 1);
@@ -760,7 +850,8 @@ mod tests {
                 let key = matvec_rows_key(gpu, DType::Q4_1, k, gpu.weight_textures())
                     .define("SWIGLU", 0)
                     .define("ROPE", 0)
-                    .define("QKV", 0);
+                    .define("QKV", 0)
+                    .define("NORM", 0);
                 assert!(gpu.pipelines.lookup(&key).is_some(), "{}", gpu.name());
             }
         }
@@ -878,6 +969,22 @@ mod tests {
             let (want, got) = (gpu.read(&g).unwrap(), gpu.read(&fused).unwrap());
             let err = max_rel_err(&got, &want);
             assert!(err < 1e-5, "{dtype:?} {n}x{k}: fused differs by {err}");
+
+            // The norm folded in: one dispatch against the norm and then the fused kernel.
+            let norm = NormCase::new(gpu, k);
+            let mut rec = Recorder::new(gpu);
+            rmsnorm_gate_up_swiglu(&mut rec, &gate, &up, norm.input(0), 1, &fused, &u).unwrap();
+            let folded = unrolled_groups(k) > 0;
+            assert_eq!(rec.dispatch_count(), 2 - folded as usize, "{dtype:?} k={k}");
+            let xn = norm.input(1).run(&mut rec, 1).unwrap();
+            assert!(linear_swiglu(&mut rec, &gate, &up, xn, &g).unwrap());
+            rec.submit().unwrap();
+            let (want, got) = (gpu.read(&g).unwrap(), gpu.read(&fused).unwrap());
+            let err = max_rel_err(&got, &want);
+            assert!(
+                err < 1e-5,
+                "{dtype:?} {n}x{k}: folded norm differs by {err}"
+            );
         }
         // K-quants and a mismatch of types are left to the caller.
         let (q, x, y) = k_quant_matvec(gpu);
@@ -958,6 +1065,33 @@ mod tests {
     }
 
     /// Query, key and value projections of weights `w` into `y`, the keys and values at `cache`.
+    /// A residual row far from unit scale, an RMSNorm weight, and two scratch rows.
+    struct NormCase {
+        x: Tensor,
+        weight: Tensor,
+        scratch: [Tensor; 2],
+    }
+
+    impl NormCase {
+        fn new(gpu: &Gpu, k: usize) -> Self {
+            let x: Vec<f32> = random_f32(k, 7).iter().map(|v| 6.0 * v + 0.5).collect();
+            NormCase {
+                x: gpu.tensor_from(&[k], &x).unwrap(),
+                weight: gpu.tensor_from(&[k], &random_f32(k, 8)).unwrap(),
+                scratch: [gpu.tensor(&[k]).unwrap(), gpu.tensor(&[k]).unwrap()],
+            }
+        }
+
+        fn input(&self, scratch: usize) -> Normed<'_> {
+            Normed {
+                x: &self.x,
+                weight: &self.weight,
+                eps: 1e-5,
+                scratch: &self.scratch[scratch],
+            }
+        }
+    }
+
     fn projections<'a>(
         w: &'a [Weight; 3],
         y: &'a [Tensor; 3],
@@ -1046,12 +1180,12 @@ mod tests {
                 Projection { w: &joined[1], ..v },
             );
             assert!(
-                !matvec_qkv(&mut rec, &x, q, k_swapped, v_swapped).unwrap(),
+                !matvec_qkv(&mut rec, &x, None, q, k_swapped, v_swapped).unwrap(),
                 "keys after values cannot run as one"
             );
             let (q, k_, v) = projections(&alone, &want, cache, [&q_rope, &k_rope]);
             assert!(
-                !matvec_qkv(&mut rec, &x, q, k_, v).unwrap(),
+                !matvec_qkv(&mut rec, &x, None, q, k_, v).unwrap(),
                 "weights in their own buffers cannot run as one"
             );
             linear_qkv(&mut rec, &x, 1, q, k_, v).unwrap();
@@ -1076,6 +1210,24 @@ mod tests {
                     err < 1e-5,
                     "{dtype:?} {layout:?} {what}: fused differs by {err}"
                 );
+            }
+
+            // The norm folded in (unrolled rows only): against the norm, then the fused kernel.
+            let norm = NormCase::new(gpu, k);
+            let (want, got) = (outputs(), outputs());
+            let mut rec = Recorder::new(gpu);
+            let (q, k_, v) = projections(&joined, &got, cache, [&q_rope, &k_rope]);
+            rmsnorm_qkv(&mut rec, norm.input(0), 1, q, k_, v).unwrap();
+            let folded = unrolled_groups(k) > 0;
+            assert_eq!(rec.dispatch_count(), 2 - folded as usize, "{dtype:?} k={k}");
+            let xn = norm.input(1).run(&mut rec, 1).unwrap();
+            let (q, k_, v) = projections(&joined, &want, cache, [&q_rope, &k_rope]);
+            linear_qkv(&mut rec, xn, 1, q, k_, v).unwrap();
+            rec.submit().unwrap();
+            for (i, what) in ["queries", "keys", "values"].iter().enumerate() {
+                let (want, got) = (gpu.read(&want[i]).unwrap(), gpu.read(&got[i]).unwrap());
+                let err = max_rel_err(&got, &want);
+                assert!(err < 1e-5, "{dtype:?} {what}: folded norm differs by {err}");
             }
         }
     }

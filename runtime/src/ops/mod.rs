@@ -20,7 +20,7 @@ pub use elementwise::{add, fill, swiglu};
 pub use embedding::embedding;
 pub use linear::{
     gate_up_swiglu, linear, linear_qkv, linear_rope, linear_swiglu, matvec_fused, matvec_qkv,
-    Fusion, LinearOut, Projection,
+    rmsnorm_gate_up_swiglu, rmsnorm_qkv, Fusion, LinearOut, Normed, Projection,
 };
 pub use rmsnorm::rmsnorm;
 pub use rope::{rope, RopeLayout, RopeParams};
