@@ -563,8 +563,8 @@ mod tests {
             }
         }
         for hd in [32, 48, 64, 80, 128, 256] {
-            for wg in [8, 32] {
-                all.push(("attention", vec![("WG", wg), ("HD", hd)]));
+            for (wg, gqa) in [(8, 1), (32, 1), (8, 3), (4, 8)] {
+                all.push(("attention", vec![("WG", wg), ("HD", hd), ("GQA", gqa)]));
             }
             all.push(("attention_rows", vec![("HD", hd)]));
         }

@@ -67,11 +67,19 @@ pub fn attention(
         return rec.dispatch(&key, &params, &buffers, groups);
     }
 
-    // Partial sums of WG threads for head_dim values each must fit in workgroup memory. On CPU
-    // devices the threads of a workgroup take turns at each barrier of the merge: 8 are faster
-    // than 32 (lavapipe, 9 heads of 64 over 128 keys: 134 -> 101 us a dispatch).
+    // On CPU devices a workgroup takes all the query heads of a KV head (up to 8), which then
+    // load each key and value row once: lavapipe gathers a thread's loads of different rows
+    // lane by lane, and those loads are the kernel's cost.
+    let group = p.n_head / p.n_kv_head;
+    let gqa = match rec.gpu().kernel_layout() {
+        KernelLayout::LanePerRow if group <= 8 => group,
+        _ => 1,
+    };
+    // Partial sums of WG threads for head_dim values of each head must fit in workgroup memory.
+    // On CPU devices the threads of a workgroup take turns at each barrier of the merge: 8 are
+    // faster than 32 (lavapipe, 9 heads of 64 over 128 keys: 134 -> 101 us a dispatch).
     let limits = rec.gpu().limits();
-    let room = limits.max_compute_workgroup_storage_size as usize / (4 * (p.head_dim + 2));
+    let room = limits.max_compute_workgroup_storage_size as usize / (4 * (p.head_dim + 2) * gqa);
     let most = match rec.gpu().kernel_layout() {
         KernelLayout::LanePerRow => 8,
         KernelLayout::Cooperative => 32,
@@ -79,9 +87,10 @@ pub fn attention(
     let wg = pow2_floor((room.min(most) as u32).min(limits.max_compute_invocations_per_workgroup));
     let key = PipelineKey::new("attention", "main")
         .define("WG", wg)
-        .define("HD", p.head_dim as u32);
+        .define("HD", p.head_dim as u32)
+        .define("GQA", gqa as u32);
     // The cooperative kernel's parameters are the first six (it has no use for `tokens`).
-    let groups = [p.n_head as u32, p.tokens as u32, 1];
+    let groups = [(p.n_head / gqa) as u32, p.tokens as u32, 1];
     rec.dispatch(&key, &params[..6], &buffers, groups)
 }
 
@@ -179,6 +188,24 @@ mod tests {
             causal: true,
             scale: 0.2,
         });
+    }
+
+    #[test]
+    fn decode_takes_query_heads_by_kv_group_and_matches_cpu_reference() {
+        // SmolLM2-135M's heads (groups of 3, one workgroup each on CPU devices), and a group
+        // of 16, more than a CPU device's workgroup takes (one workgroup per query head).
+        for (n_head, n_kv_head, head_dim) in [(9, 3, 64), (16, 1, 16)] {
+            check(AttentionParams {
+                n_head,
+                n_kv_head,
+                head_dim,
+                pos0: 129,
+                tokens: 1,
+                kv_len: 130,
+                causal: true,
+                scale: 0.125,
+            });
+        }
     }
 
     #[test]
