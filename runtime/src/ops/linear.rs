@@ -204,8 +204,9 @@ pub fn gate_up_swiglu(
 }
 
 /// A projection's input as RMSNorm of `x` by `weight` (`[k]`): folded into the decode mat-vec
-/// where it can take it (one row, on CPU devices: it sums x's squares as it reads x), else run
-/// first into `scratch` (x's shape), which the projections then read.
+/// where it can take it (one row of an unrolled length, on CPU devices: each SIMD group
+/// normalises x before its groups), else run first into `scratch` (x's shape), which the
+/// projections then read.
 #[derive(Clone, Copy)]
 pub struct Normed<'a> {
     pub x: &'a Tensor,
@@ -1064,7 +1065,6 @@ mod tests {
         assert_eq!(rec.dispatch_count(), 0);
     }
 
-    /// Query, key and value projections of weights `w` into `y`, the keys and values at `cache`.
     /// A residual row far from unit scale, an RMSNorm weight, and two scratch rows.
     struct NormCase {
         x: Tensor,
@@ -1092,6 +1092,7 @@ mod tests {
         }
     }
 
+    /// Query, key and value projections of weights `w` into `y`, the keys and values at `cache`.
     fn projections<'a>(
         w: &'a [Weight; 3],
         y: &'a [Tensor; 3],
