@@ -594,6 +594,17 @@ impl<'m> Session<'m> {
                 (Some(o), Some(p)) => o.record(rec, p, l, site, x),
                 _ => Ok(()),
             };
+        // Where the observer needs the norm's output, runs and observes it (into the input's
+        // scratch) and says so; otherwise the projections run the norm themselves where the
+        // device lets them (decoding).
+        let observed_norm = |rec: &mut Recorder, l: usize, site: Site, input: &Normed| {
+            if observer.is_none() {
+                return Ok::<_, LlmError>(false);
+            }
+            let xn = input.run(rec, n)?;
+            observe(rec, l, site, xn)?;
+            Ok(true)
+        };
         ops::embedding(rec, &m.token_embd, &s.ids, n, &s.x)?;
         let rope = |heads: usize, offset: usize, stride: usize| RopeParams {
             heads,
@@ -658,12 +669,8 @@ impl<'m> Session<'m> {
                 out: to_cache,
                 rope: None,
             };
-            // The norm runs in the projections' kernel where the device has one (decoding),
-            // except where the observer needs its output.
-            if observer.is_some() {
-                let xn = attn_in.run(rec, n)?;
-                observe(rec, l, Site::AttnNorm, xn)?;
-                ops::linear_qkv(rec, xn, n, q, k, v)?;
+            if observed_norm(rec, l, Site::AttnNorm, &attn_in)? {
+                ops::linear_qkv(rec, attn_in.scratch, n, q, k, v)?;
             } else {
                 ops::rmsnorm_qkv(rec, attn_in, n, q, k, v)?;
             }
@@ -680,10 +687,8 @@ impl<'m> Session<'m> {
                 scratch: &s.xn,
             };
             let (gate, up) = (&layer.ffn_gate, &layer.ffn_up);
-            if observer.is_some() {
-                let xn = ffn_in.run(rec, n)?;
-                observe(rec, l, Site::FfnNorm, xn)?;
-                ops::gate_up_swiglu(rec, gate, up, xn, n, &s.gate, &s.up)?;
+            if observed_norm(rec, l, Site::FfnNorm, &ffn_in)? {
+                ops::gate_up_swiglu(rec, gate, up, ffn_in.scratch, n, &s.gate, &s.up)?;
             } else {
                 ops::rmsnorm_gate_up_swiglu(rec, gate, up, ffn_in, n, &s.gate, &s.up)?;
             }
