@@ -161,6 +161,9 @@ pub struct GpuOptions {
     /// Reads weights from storage buffers only, never from texture copies of them
     /// ([`Gpu::weight_textures`]; also `TESSERA_WEIGHT_TEXTURES=0`).
     pub no_weight_textures: bool,
+    /// Leaves a CPU device's threads where the scheduler puts them, instead of one core each
+    /// ([`Gpu::pinned_threads`]; also `TESSERA_PIN_THREADS=0`).
+    pub no_thread_pinning: bool,
 }
 
 /// An opened device with its queue, limits, pipeline cache and buffer pool.
@@ -176,6 +179,7 @@ pub struct Gpu {
     pub(crate) pool: Arc<Mutex<BufferPool>>,
     pub(crate) device_error: Arc<Mutex<Option<String>>>,
     weight_textures: bool,
+    pinned_threads: Vec<(i32, usize)>,
 }
 
 /// Adapters of `backends`, narrowed further by `WGPU_BACKEND` (e.g. `vulkan`, `gl`).
@@ -312,6 +316,8 @@ fn choose(selector: &DeviceSelector) -> Result<wgpu::Adapter> {
 impl Gpu {
     /// Opens the adapter `options.selector` names (by default the best one found).
     pub fn new(options: &GpuOptions) -> Result<Gpu> {
+        // The threads before any driver starts its own (see `affinity`).
+        let threads_before = crate::affinity::Snapshot::take();
         let adapter = choose(&options.selector)?;
         let info = adapter.get_info();
         let offered = adapter.features();
@@ -392,6 +398,22 @@ impl Gpu {
             max_binding >> 20,
             if weight_textures { "on" } else { "off" }
         );
+        // A CPU device's workers, one core each (see `affinity`).
+        let pinned_threads = match threads_before {
+            Some(before)
+                if info.device_type == wgpu::DeviceType::Cpu
+                    && !options.no_thread_pinning
+                    && crate::affinity::pinning_setting(
+                        std::env::var("TESSERA_PIN_THREADS").ok().as_deref(),
+                    ) =>
+            {
+                before.spread_new_threads()
+            }
+            _ => Vec::new(),
+        };
+        if !pinned_threads.is_empty() {
+            log::info!("driver threads pinned (thread, CPU): {pinned_threads:?}");
+        }
         let pipelines = match &options.pipeline_cache_dir {
             Some(dir) if required_features.contains(wgpu::Features::PIPELINE_CACHE) => {
                 PipelineCache::on_disk(&device, &info, dir)
@@ -410,6 +432,7 @@ impl Gpu {
             pool: Arc::new(Mutex::new(BufferPool::default())),
             device_error,
             weight_textures,
+            pinned_threads,
         })
     }
 
@@ -457,6 +480,13 @@ impl Gpu {
     /// mat-vec over weights that miss the caches runs about 1.5x faster from a texture.
     pub fn weight_textures(&self) -> bool {
         self.weight_textures
+    }
+
+    /// The driver threads this device pinned, each with its CPU: on a CPU device, the threads
+    /// its driver started while it was opened, one CPU each in turn, so that the scheduler does
+    /// not stack the workers of every dispatch on one core (see `affinity`). Empty elsewhere.
+    pub fn pinned_threads(&self) -> &[(i32, usize)] {
+        &self.pinned_threads
     }
 
     /// How many kernels (pipelines) this device has compiled so far.
@@ -550,6 +580,37 @@ mod tests {
         assert!(discrete < integrated);
         assert!(integrated < cpu_vulkan);
         assert!(cpu_vulkan < integrated_gl);
+    }
+
+    /// On a CPU device, with two or more CPUs to run on, opening it pins the driver's new
+    /// threads over at least two of them; asked not to, or on a GPU, it pins none.
+    #[test]
+    fn a_cpu_device_spreads_its_driver_threads_over_the_cores() {
+        let gpu = match Gpu::new(&GpuOptions::default()) {
+            Ok(gpu) => gpu,
+            Err(RuntimeError::NoAdapter) => return, // a machine without any driver
+            Err(e) => panic!("{e}"),
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let spread: std::collections::HashSet<usize> =
+            gpu.pinned_threads().iter().map(|&(_, cpu)| cpu).collect();
+        if gpu.info().device_type == wgpu::DeviceType::Cpu && cfg!(target_os = "linux") {
+            if cores >= 2 {
+                assert!(
+                    gpu.pinned_threads().len() >= 2,
+                    "{:?}",
+                    gpu.pinned_threads()
+                );
+                assert!(spread.len() >= 2, "{:?}", gpu.pinned_threads());
+            }
+        } else {
+            assert!(gpu.pinned_threads().is_empty());
+        }
+        let options = GpuOptions {
+            no_thread_pinning: true,
+            ..Default::default()
+        };
+        assert!(Gpu::new(&options).unwrap().pinned_threads().is_empty());
     }
 
     #[test]

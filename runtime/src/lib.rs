@@ -5,6 +5,7 @@
 //! dispatch code and a CPU reference). It also reads model files (GGUF over mmap) and measures
 //! the device's copy bandwidth.
 
+mod affinity;
 pub mod autograd;
 pub mod bandwidth;
 pub mod error;
