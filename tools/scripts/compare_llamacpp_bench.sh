@@ -19,7 +19,11 @@
 #   apt-get install -y libvulkan-dev glslc
 #   cmake -B build -DGGML_VULKAN=ON -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release
 #   cmake --build build -j --target llama-bench
-# (the CPU build: the same from 0.3.36 without -DGGML_VULKAN). llama.cpp skips CPU-type Vulkan
+# (the CPU build: the same from 0.3.36 without -DGGML_VULKAN). On a CPU with AMX that the virtual
+# machine does not let programs use, that native CPU build stops at the first prompt with SIGILL
+# ("Illegal instruction"); build it with -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON
+# -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON instead (seen on a Xeon
+# with amx_tile, 2026-12-05). llama.cpp skips CPU-type Vulkan
 # devices such as lavapipe unless GGML_VK_VISIBLE_DEVICES names them; this script sets it to 0.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/../.." && pwd)"
