@@ -11,46 +11,75 @@
 //! to 27-29 at once.
 //!
 //! The driver does not say which threads are its workers. They are among the threads that appear
-//! while the device is opened and keep the name of the thread that opened it: Mesa names its
-//! other threads (`llvmpipe-N` for rasterizing, `<name>:disk$0` for the shader cache). `Gpu::new`
-//! takes a [`Snapshot`] first and afterwards pins those new threads, in the order they were
-//! created, to the CPUs the process may run on, one CPU each in turn: a pool of consecutive
-//! workers lands on as many different cores as there are. `TESSERA_PIN_THREADS=0` leaves the
-//! threads where the scheduler puts them. Only on Linux; elsewhere nothing is pinned.
+//! while the device is opened and take the name of the thread that opens it: Mesa names its
+//! other threads (`llvmpipe-N` for rasterizing, `<name>:disk$0` for the shader cache). So
+//! `Gpu::new` takes a [`Snapshot`] first, which names the opening thread uniquely for the time
+//! the device takes to open (threads that others start meanwhile do not match), and afterwards
+//! pins the new threads of that name (the workers, and lavapipe's queue thread, which mostly
+//! waits) in the order they were created to the CPUs the opening thread may run on, one CPU each
+//! in turn: a pool of consecutive workers lands on as many different cores as there are. Where
+//! fewer threads appeared than there are CPUs (a driver told to use fewer threads, or a process
+//! that shares a large machine), nothing is pinned, so that several processes do not all crowd
+//! the first cores. Names are put back as they were. The cost: a pinned worker cannot move off a
+//! core that something else keeps busy; `TESSERA_PIN_THREADS=0` (or
+//! `GpuOptions::no_thread_pinning`) leaves the threads to the scheduler. Only on Linux;
+//! elsewhere nothing is pinned.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// The threads of this process, and the name of the calling thread, before a device is opened.
+/// The threads of this process before a device is opened; the calling thread carries a name of
+/// its own until the snapshot is dropped.
 pub(crate) struct Snapshot {
     threads: HashSet<i32>,
+    /// The calling thread's own name, put back on drop.
     name: String,
+    /// The name it carries meanwhile, which the threads it starts inherit.
+    marker: String,
 }
 
 impl Snapshot {
-    /// `None` where the process's threads cannot be listed (off Linux, or no `/proc`).
+    /// `None` where the process's threads cannot be listed or named (off Linux, or no `/proc`).
     pub(crate) fn take() -> Option<Snapshot> {
+        static OPENED: AtomicUsize = AtomicUsize::new(0);
         let name = sys::current_name()?;
+        // At most 15 bytes, as thread names go.
+        let marker = format!(
+            "tessera-open{}",
+            OPENED.fetch_add(1, Ordering::Relaxed) % 100
+        );
         let threads = sys::threads()?.into_iter().map(|(tid, _)| tid).collect();
-        Some(Snapshot { threads, name })
+        sys::set_current_name(&marker).ok()?;
+        Some(Snapshot {
+            threads,
+            name,
+            marker,
+        })
     }
 
-    /// Pins the threads that appeared since the snapshot and carry its thread's name to the
-    /// process's CPUs in turn; returns each pinned thread with its CPU. Nothing is pinned where
-    /// fewer than two such threads or CPUs exist; a thread that cannot be pinned is skipped.
+    /// The threads started since the snapshot by the calling thread (they carry its marker), in
+    /// the order they were created.
+    fn started(&self) -> Vec<i32> {
+        sys::threads().map_or_else(Vec::new, |now| new_named(&self.threads, &self.marker, &now))
+    }
+
+    /// Pins the threads started since the snapshot to the calling thread's CPUs in turn, where
+    /// at least two CPUs and as many such threads as CPUs exist; returns each pinned thread with
+    /// its CPU. A thread that cannot be pinned is reported and skipped.
     pub(crate) fn spread_new_threads(&self) -> Vec<(i32, usize)> {
-        let (Some(now), Some(cpus)) = (sys::threads(), sys::allowed_cpus()) else {
+        let Some(cpus) = sys::allowed_cpus() else {
             return Vec::new();
         };
-        let workers = new_unnamed(self, &now);
-        if workers.len() < 2 || cpus.len() < 2 {
+        let started = self.started();
+        if cpus.len() < 2 || started.len() < cpus.len() {
             return Vec::new();
         }
-        round_robin(&workers, &cpus)
+        round_robin(&started, &cpus)
             .into_iter()
             .filter(|&(tid, cpu)| match sys::pin(tid, cpu) {
                 Ok(()) => true,
                 Err(e) => {
-                    log::debug!("could not pin thread {tid} to CPU {cpu}: {e}");
+                    log::warn!("could not pin the device's thread {tid} to CPU {cpu}: {e}");
                     false
                 }
             })
@@ -58,12 +87,22 @@ impl Snapshot {
     }
 }
 
-/// The threads of `now` that the snapshot did not have and that carry its thread's name, in the
-/// order they were created (ascending thread ids).
-fn new_unnamed(before: &Snapshot, now: &[(i32, String)]) -> Vec<i32> {
+impl Drop for Snapshot {
+    /// Gives the calling thread, and the threads it started meanwhile, its own name back.
+    fn drop(&mut self) {
+        for tid in self.started() {
+            let _ = sys::set_name(tid, &self.name);
+        }
+        let _ = sys::set_current_name(&self.name);
+    }
+}
+
+/// The threads of `now` that the snapshot did not have and that carry its marker, in the order
+/// they were created (ascending thread ids).
+fn new_named(before: &HashSet<i32>, marker: &str, now: &[(i32, String)]) -> Vec<i32> {
     let mut tids: Vec<i32> = now
         .iter()
-        .filter(|(tid, name)| !before.threads.contains(tid) && *name == before.name)
+        .filter(|(tid, name)| !before.contains(tid) && name == marker)
         .map(|&(tid, _)| tid)
         .collect();
     tids.sort_unstable();
@@ -78,12 +117,13 @@ fn round_robin(tids: &[i32], cpus: &[usize]) -> Vec<(i32, usize)> {
         .collect()
 }
 
-/// Whether a `TESSERA_PIN_THREADS` value leaves pinning on (the default): `0`, `off`, `false`
-/// or `no` turn it off; any other value keeps it.
+/// Whether a `TESSERA_PIN_THREADS` value leaves pinning on (the default; see
+/// `gpu::switch_setting` for the values).
 pub(crate) fn pinning_setting(value: Option<&str>) -> bool {
-    !matches!(
-        value.map(|v| v.trim().to_ascii_lowercase()).as_deref(),
-        Some("0" | "off" | "false" | "no")
+    crate::gpu::switch_setting(
+        "TESSERA_PIN_THREADS",
+        value,
+        "a CPU device's threads stay pinned",
     )
 }
 
@@ -95,6 +135,16 @@ mod sys {
     pub fn current_name() -> Option<String> {
         let name = std::fs::read_to_string("/proc/thread-self/comm").ok()?;
         Some(name.trim_end_matches('\n').to_string())
+    }
+
+    /// Names the calling thread (at most 15 bytes).
+    pub fn set_current_name(name: &str) -> io::Result<()> {
+        std::fs::write("/proc/thread-self/comm", name)
+    }
+
+    /// Names thread `tid` of this process.
+    pub fn set_name(tid: i32, name: &str) -> io::Result<()> {
+        std::fs::write(format!("/proc/self/task/{tid}/comm"), name)
     }
 
     /// Every thread of the process with its name. Threads that end while the folder is read are
@@ -175,6 +225,14 @@ mod sys {
         None
     }
 
+    pub fn set_current_name(_name: &str) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+
+    pub fn set_name(_tid: i32, _name: &str) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+
     pub fn allowed_cpus() -> Option<Vec<usize>> {
         None
     }
@@ -188,29 +246,26 @@ mod sys {
 mod tests {
     use super::*;
 
-    fn snapshot(threads: &[i32], name: &str) -> Snapshot {
-        Snapshot {
-            threads: threads.iter().copied().collect(),
-            name: name.to_string(),
-        }
-    }
-
     #[test]
-    fn only_new_threads_with_the_openers_name_count_in_creation_order() {
-        let before = snapshot(&[100, 101], "tessera");
+    fn only_new_threads_with_the_marker_count_in_creation_order() {
+        let before: HashSet<i32> = [100, 101].into_iter().collect();
         let now: Vec<(i32, String)> = [
-            (100, "tessera"),
-            (101, "tessera"),
-            (107, "tessera"),
+            (100, "tessera-open3"),
+            (101, "main"),
+            (107, "tessera-open3"),
             (103, "llvmpipe-0"),
-            (105, "tessera"),
-            (104, "tessera:disk$0"),
-            (102, "tessera"),
+            (105, "tessera-open3"),
+            (104, "tessera-o:disk$"),
+            (106, "tessera-open4"),
+            (102, "tessera-open3"),
         ]
         .iter()
         .map(|&(t, n)| (t, n.to_string()))
         .collect();
-        assert_eq!(new_unnamed(&before, &now), vec![102, 105, 107]);
+        assert_eq!(
+            new_named(&before, "tessera-open3", &now),
+            vec![102, 105, 107]
+        );
     }
 
     #[test]
@@ -233,61 +288,68 @@ mod tests {
         }
     }
 
-    /// Threads this test starts under its own name after a snapshot are pinned one CPU each in
-    /// turn, and their affinity says so; threads it names otherwise are left alone.
+    /// Threads this test starts after a snapshot inherit its marker and are pinned one CPU each
+    /// in turn, where there are as many as CPUs; a thread that renames itself is left alone.
+    /// Dropping the snapshot gives the test's thread and the pinned ones its name back.
     #[cfg(target_os = "linux")]
     #[test]
-    fn new_threads_are_pinned_where_the_process_has_two_cpus() {
-        use std::sync::mpsc;
-        let Some(cpus) = sys::allowed_cpus() else {
-            panic!("sched_getaffinity failed");
-        };
-        if cpus.len() < 2 {
-            eprintln!("one CPU: nothing to spread");
-            return;
-        }
-        let name = std::thread::current().name().unwrap_or("").to_string();
-        // A name of its own, so that threads other tests start meanwhile do not match.
-        let own = format!("pin-{}", std::process::id() % 100_000);
-        let set_name = |n: &str| std::fs::write("/proc/thread-self/comm", n).unwrap();
-        set_name(&own);
+    fn new_threads_are_pinned_and_named_back() {
+        use std::sync::{mpsc, Arc, Mutex};
+        let cpus = sys::allowed_cpus().expect("sched_getaffinity");
+        let name = sys::current_name().expect("/proc/thread-self/comm");
         let before = Snapshot::take().expect("a snapshot on Linux");
+        assert_eq!(sys::current_name().as_ref(), Some(&before.marker));
         let (done_tx, done_rx) = mpsc::channel::<()>();
-        let done_rx = std::sync::Arc::new(std::sync::Mutex::new(done_rx));
+        let done_rx = Arc::new(Mutex::new(done_rx));
         let (tid_tx, tid_rx) = mpsc::channel();
         let spawn = |rename: bool| {
             let done = done_rx.clone();
             let tid_tx = tid_tx.clone();
-            // Threads inherit the name of the thread that starts them.
             std::thread::spawn(move || {
+                let tid = std::fs::read_link("/proc/thread-self")
+                    .ok()
+                    .and_then(|p| p.file_name()?.to_str()?.parse::<i32>().ok());
                 if rename {
-                    std::fs::write("/proc/thread-self/comm", "other").unwrap();
+                    let _ = sys::set_current_name("other");
                 }
-                let tid = std::fs::read_link("/proc/thread-self").unwrap();
-                let tid: i32 = tid.file_name().unwrap().to_str().unwrap().parse().unwrap();
-                tid_tx.send((tid, rename)).unwrap();
-                let _ = done.lock().unwrap().recv();
+                let _ = tid_tx.send((tid, rename));
+                let _ = done.lock().map(|rx| rx.recv());
             })
         };
-        let handles = [spawn(false), spawn(true), spawn(false), spawn(false)];
-        let started: Vec<(i32, bool)> =
-            (0..handles.len()).map(|_| tid_rx.recv().unwrap()).collect();
+        let mut handles = vec![spawn(true)];
+        handles.extend((0..cpus.len().max(2)).map(|_| spawn(false)));
+        let started: Vec<(i32, bool)> = (0..handles.len())
+            .map(|_| {
+                let (tid, rename) = tid_rx
+                    .recv_timeout(std::time::Duration::from_secs(30))
+                    .expect("every thread reports");
+                (tid.expect("a thread id"), rename)
+            })
+            .collect();
         let pinned = before.spread_new_threads();
-        set_name(&name.chars().take(15).collect::<String>());
+        drop(before);
 
         let mut ours: Vec<i32> = started.iter().filter(|s| !s.1).map(|s| s.0).collect();
         ours.sort_unstable();
-        let expected = round_robin(&ours, &cpus);
-        assert_eq!(pinned, expected);
+        if cpus.len() >= 2 {
+            assert_eq!(pinned, round_robin(&ours, &cpus));
+        } else {
+            assert!(pinned.is_empty());
+        }
         for (tid, cpu) in &pinned {
             assert_eq!(sys::cpus_of(*tid), Some(vec![*cpu]), "thread {tid}");
         }
-        let other = started.iter().find(|s| s.1).unwrap().0;
+        let other = started.iter().find(|s| s.1).map(|s| s.0).unwrap();
         assert_eq!(
             sys::cpus_of(other),
             Some(cpus.clone()),
             "the renamed thread"
         );
+        assert_eq!(sys::current_name(), Some(name.clone()));
+        for tid in &ours {
+            let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).unwrap();
+            assert_eq!(comm.trim_end(), name, "thread {tid}");
+        }
         drop(done_tx);
         for h in handles {
             h.join().unwrap();

@@ -120,10 +120,19 @@ fn layout_setting(value: Option<&str>) -> Option<KernelLayout> {
     }
 }
 
-/// Whether a `TESSERA_WEIGHT_TEXTURES` value leaves weight textures on (the default): `0`,
-/// `off`, `false` or `no` turn them off, `1`, `on`, `true` or `yes` keep them; any other value
-/// is reported and the default kept.
+/// Whether a `TESSERA_WEIGHT_TEXTURES` value leaves weight textures on (the default).
 fn textures_setting(value: Option<&str>) -> bool {
+    switch_setting(
+        "TESSERA_WEIGHT_TEXTURES",
+        value,
+        "weight textures stay on where the device uses them",
+    )
+}
+
+/// Whether the value of the on/off setting `name` leaves it on (the default, also where it is
+/// unset): `0`, `off`, `false` or `no` turn it off, `1`, `on`, `true` or `yes` keep it; any
+/// other value is reported (with `kept`, what happens instead) and the default kept.
+pub(crate) fn switch_setting(name: &str, value: Option<&str>, kept: &str) -> bool {
     let Some(value) = value else {
         return true;
     };
@@ -131,10 +140,7 @@ fn textures_setting(value: Option<&str>) -> bool {
         "0" | "off" | "false" | "no" => false,
         "1" | "on" | "true" | "yes" => true,
         _ => {
-            log::warn!(
-                "TESSERA_WEIGHT_TEXTURES={value} is not 0/off/false/no or 1/on/true/yes: weight \
-                 textures stay on where the device uses them"
-            );
+            log::warn!("{name}={value} is not 0/off/false/no or 1/on/true/yes: {kept}");
             true
         }
     }
@@ -162,7 +168,8 @@ pub struct GpuOptions {
     /// ([`Gpu::weight_textures`]; also `TESSERA_WEIGHT_TEXTURES=0`).
     pub no_weight_textures: bool,
     /// Leaves a CPU device's threads where the scheduler puts them, instead of one core each
-    /// ([`Gpu::pinned_threads`]; also `TESSERA_PIN_THREADS=0`).
+    /// ([`Gpu::pinned_threads`]; also `TESSERA_PIN_THREADS=0`): for a process that keeps cores
+    /// busy with work of its own, which a pinned worker cannot move away from.
     pub no_thread_pinning: bool,
 }
 
@@ -398,9 +405,10 @@ impl Gpu {
             max_binding >> 20,
             if weight_textures { "on" } else { "off" }
         );
-        // A CPU device's workers, one core each (see `affinity`).
+        // A CPU device's workers, one core each (see `affinity`); the snapshot, dropped here,
+        // gives this thread's name back.
         let pinned_threads = match threads_before {
-            Some(before)
+            Some(ref before)
                 if info.device_type == wgpu::DeviceType::Cpu
                     && !options.no_thread_pinning
                     && crate::affinity::pinning_setting(
@@ -411,6 +419,7 @@ impl Gpu {
             }
             _ => Vec::new(),
         };
+        drop(threads_before);
         if !pinned_threads.is_empty() {
             log::info!("driver threads pinned (thread, CPU): {pinned_threads:?}");
         }
@@ -594,8 +603,12 @@ mod tests {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let spread: std::collections::HashSet<usize> =
             gpu.pinned_threads().iter().map(|&(_, cpu)| cpu).collect();
+        // Lavapipe starts a worker a core unless told otherwise (LP_NUM_THREADS); llvmpipe
+        // behind OpenGL may share threads started by an earlier device of the process.
+        let own_threads = gpu.info().backend == wgpu::Backend::Vulkan
+            && std::env::var_os("LP_NUM_THREADS").is_none();
         if gpu.info().device_type == wgpu::DeviceType::Cpu && cfg!(target_os = "linux") {
-            if cores >= 2 {
+            if cores >= 2 && own_threads {
                 assert!(
                     gpu.pinned_threads().len() >= 2,
                     "{:?}",
