@@ -606,7 +606,10 @@ mod tests {
         // Lavapipe starts a worker a core unless told otherwise (LP_NUM_THREADS); llvmpipe
         // behind OpenGL may share threads started by an earlier device of the process.
         let own_threads = gpu.info().backend == wgpu::Backend::Vulkan
-            && std::env::var_os("LP_NUM_THREADS").is_none();
+            && std::env::var_os("LP_NUM_THREADS").is_none()
+            && crate::affinity::pinning_setting(
+                std::env::var("TESSERA_PIN_THREADS").ok().as_deref(),
+            );
         if gpu.info().device_type == wgpu::DeviceType::Cpu && cfg!(target_os = "linux") {
             if cores >= 2 && own_threads {
                 assert!(
