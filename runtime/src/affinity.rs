@@ -165,24 +165,12 @@ mod sys {
 
     /// The CPUs the calling thread may run on, ascending.
     pub fn allowed_cpus() -> Option<Vec<usize>> {
-        // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size into it.
-        let set = unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-                return None;
-            }
-            set
-        };
-        let cpus = (0..libc::CPU_SETSIZE as usize)
-            // SAFETY: `cpu` is below CPU_SETSIZE, the set's capacity.
-            .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
-            .collect();
-        Some(cpus)
+        cpus_of(0)
     }
 
     /// Lets thread `tid` of this process run on `cpu` only.
     pub fn pin(tid: i32, cpu: usize) -> io::Result<()> {
-        // SAFETY: as in `allowed_cpus`; `cpu` comes from that set, so it is below CPU_SETSIZE.
+        // SAFETY: as in `cpus_of`; `cpu` comes from such a set, so it is below CPU_SETSIZE.
         let status = unsafe {
             let mut set: libc::cpu_set_t = std::mem::zeroed();
             libc::CPU_SET(cpu, &mut set);
@@ -195,10 +183,9 @@ mod sys {
         }
     }
 
-    /// The CPUs thread `tid` may run on (tests).
-    #[cfg(test)]
+    /// The CPUs thread `tid` of this process (0: the calling thread) may run on, ascending.
     pub fn cpus_of(tid: i32) -> Option<Vec<usize>> {
-        // SAFETY: as in `allowed_cpus`.
+        // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size into it.
         let set = unsafe {
             let mut set: libc::cpu_set_t = std::mem::zeroed();
             if libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
@@ -206,12 +193,11 @@ mod sys {
             }
             set
         };
-        // SAFETY: `cpu` is below CPU_SETSIZE.
-        Some(
-            (0..libc::CPU_SETSIZE as usize)
-                .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-                .collect(),
-        )
+        let cpus = (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: `cpu` is below CPU_SETSIZE, the set's capacity.
+            .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+            .collect();
+        Some(cpus)
     }
 }
 

@@ -324,7 +324,12 @@ impl Gpu {
     /// Opens the adapter `options.selector` names (by default the best one found).
     pub fn new(options: &GpuOptions) -> Result<Gpu> {
         // The threads before any driver starts its own (see `affinity`).
-        let threads_before = crate::affinity::Snapshot::take();
+        // (Only where pinning is wanted: the snapshot lists and renames threads.)
+        let pinning = !options.no_thread_pinning
+            && crate::affinity::pinning_setting(
+                std::env::var("TESSERA_PIN_THREADS").ok().as_deref(),
+            );
+        let threads_before = pinning.then(crate::affinity::Snapshot::take).flatten();
         let adapter = choose(&options.selector)?;
         let info = adapter.get_info();
         let offered = adapter.features();
@@ -408,13 +413,7 @@ impl Gpu {
         // A CPU device's workers, one core each (see `affinity`); the snapshot, dropped here,
         // gives this thread's name back.
         let pinned_threads = match threads_before {
-            Some(ref before)
-                if info.device_type == wgpu::DeviceType::Cpu
-                    && !options.no_thread_pinning
-                    && crate::affinity::pinning_setting(
-                        std::env::var("TESSERA_PIN_THREADS").ok().as_deref(),
-                    ) =>
-            {
+            Some(ref before) if info.device_type == wgpu::DeviceType::Cpu => {
                 before.spread_new_threads()
             }
             _ => Vec::new(),
