@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::Output;
+use std::process::{Command, Output};
 
 use common::{assert_clean_failure, stderr, tessera};
 use serde_json::Value;
@@ -40,6 +40,9 @@ const FIELDS: &[&str] = &[
     "eff_bw_gbs",
     "copy_bw_gbs",
     "bw_share",
+    "weight_textures",
+    "pinned_threads",
+    "matvec_unroll",
 ];
 
 fn number(row: &Value, field: &str) -> f64 {
@@ -82,6 +85,12 @@ fn check_record(row: &Value, n_prompt: u64, n_gen: u64, repetitions: usize) {
     let copy = number(row, "copy_bw_gbs");
     assert!((share - eff / copy).abs() <= 1e-6 * share, "{row}");
     assert!(row["test_time"].as_str().unwrap().ends_with('Z'), "{row}");
+    assert!(row["weight_textures"].is_boolean(), "{row}");
+    assert!(row["pinned_threads"].is_u64(), "{row}");
+    // The decode mat-vec's unrolled length: its default where the test's environment leaves it.
+    if std::env::var_os("TESSERA_MATVEC_UNROLL").is_none() {
+        assert_eq!(row["matvec_unroll"], 32, "{row}");
+    }
 }
 
 #[test]
@@ -134,7 +143,14 @@ fn csv_has_a_header_of_field_names_and_a_line_per_test() {
         "1",
         "--csv",
     ];
-    let text = stdout(&tessera(&args));
+    // With the settings a run records turned off: no pinned threads, nothing unrolled.
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .env("TESSERA_PIN_THREADS", "0")
+        .env("TESSERA_MATVEC_UNROLL", "0")
+        .output()
+        .expect("tessera runs");
+    let text = stdout(&out);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 4, "a header and pp4, pp8, pp6: {text}");
     let header: Vec<&str> = lines[0].split(',').collect();
@@ -143,11 +159,13 @@ fn csv_has_a_header_of_field_names_and_a_line_per_test() {
     }
     let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
     for (line, n_prompt) in lines[1..].iter().zip(["4", "8", "6"]) {
-        let cells: Vec<&str> = line.split("\",\"").collect();
+        let cells: Vec<&str> = line.split("\",\"").map(|c| c.trim_matches('"')).collect();
         assert_eq!(cells.len(), header.len(), "{line}");
         assert_eq!(cells[column("n_prompt")], n_prompt);
         assert_eq!(cells[column("n_gen")], "0");
         assert!(cells[column("model_type")].ends_with("Q8_0"), "{line}");
+        assert_eq!(cells[column("pinned_threads")], "0", "{line}");
+        assert_eq!(cells[column("matvec_unroll")], "0", "{line}");
     }
 }
 

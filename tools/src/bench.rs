@@ -375,6 +375,12 @@ struct About {
     n_gpu_layers: usize,
     weight_bytes_per_token: usize,
     copy_bw_gbs: f64,
+    /// Settings that change decode speed on CPU devices, recorded so that runs compare like
+    /// with like: weights read through textures, driver threads pinned, and the row length (in
+    /// groups of 32) up to which the decode mat-vec is unrolled.
+    weight_textures: bool,
+    pinned_threads: usize,
+    matvec_unroll: usize,
 }
 
 impl About {
@@ -419,6 +425,9 @@ impl About {
             n_gpu_layers: model.config.n_layer + 1,
             weight_bytes_per_token: model.decode_weight_bytes(),
             copy_bw_gbs: copy.best_gbs(),
+            weight_textures: gpu.weight_textures(),
+            pinned_threads: gpu.pinned_threads().len(),
+            matvec_unroll: tessera_runtime::ops::linear::max_unrolled_groups(),
         }
     }
 }
@@ -518,6 +527,9 @@ impl Row<'_> {
             ("eff_bw_gbs", json!(self.eff_bw_gbs())),
             ("copy_bw_gbs", json!(a.copy_bw_gbs)),
             ("bw_share", json!(self.bw_share())),
+            ("weight_textures", json!(a.weight_textures)),
+            ("pinned_threads", json!(a.pinned_threads)),
+            ("matvec_unroll", json!(a.matvec_unroll)),
             ("samples_ns", json!(self.samples_ns)),
             ("samples_ts", json!(self.samples_ts())),
         ]

@@ -677,9 +677,10 @@ fn unrolled_groups(k: usize) -> u32 {
     }
 }
 
-/// The longest row, in groups of 32, that [`unrolled_groups`] unrolls: `TESSERA_MATVEC_UNROLL`,
-/// else [`MATVEC_MAX_UNROLL`].
-fn max_unrolled_groups() -> usize {
+/// The longest row, in groups of 32, that the decode mat-vec unrolls (`unrolled_groups`):
+/// `TESSERA_MATVEC_UNROLL`, else 32. A setting that changes decode speed, which benchmarks
+/// report beside their figures.
+pub fn max_unrolled_groups() -> usize {
     static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *MAX.get_or_init(|| unroll_setting(std::env::var("TESSERA_MATVEC_UNROLL").ok().as_deref()))
 }
