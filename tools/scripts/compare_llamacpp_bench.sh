@@ -8,8 +8,15 @@
 #
 # Either llama-bench may be left unset; MODEL defaults to the default model (`tessera fetch`).
 # Settings (environment): P (prompt length, default 512), N (tokens generated, 128), R
-# (repetitions, 3), THREADS (llama.cpp CPU threads, all cores), TESSERA (the binary), OUT (a
-# folder for the raw JSON, default target/bench-compare).
+# (repetitions, 3), ROUNDS (times the whole comparison runs, 1), THREADS (llama.cpp CPU
+# threads, all cores), TESSERA (the binary), OUT (a folder for the raw JSON, default
+# target/bench-compare; with ROUNDS above 1, a folder per round in it).
+#
+# On a shared or virtual machine the speed of the whole machine drifts by 20% or more within
+# minutes (seen on lavapipe, 2026-12-05: three runs of this script in 25 minutes gave
+# tg128 ratios of 10.8x, 10.0x and 7.9x, Tessera and llama.cpp moving in opposite
+# directions). ROUNDS=3 R=1 runs the programs in turn three times, so that each round's
+# ratio compares runs minutes apart, and prints every round's ratios with their median.
 #
 # Which llama.cpp: the CPU build is the one inside llama-cpp-python 0.3.36's source package
 # (llama.cpp 0c1e570); the Vulkan build is llama-cpp-python 0.3.16's (llama.cpp 4227c9b),
@@ -29,32 +36,35 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")/../.." && pwd)"
 tessera="${TESSERA:-$here/target/release/tessera}"
 p="${P:-512}"; n="${N:-128}"; r="${R:-3}"; threads="${THREADS:-$(nproc)}"
+rounds="${ROUNDS:-1}"
 out="${OUT:-$here/target/bench-compare}"
 if [ ! -x "$tessera" ]; then
     echo "no tessera binary at $tessera: build it (cargo build --release) or set TESSERA" >&2
     exit 1
 fi
 model="${1:-$("$tessera" fetch)}"
-mkdir -p "$out"
-# Only this run's results are compared.
-rm -f "$out/tessera.json" "$out/llama-cpu.json" "$out/llama-vulkan.json"
-export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+# One comparison into folder $1: each program's JSON there, then the table and the ratios.
+compare_once() {
+    local out="$1"
+    mkdir -p "$out"
+    # Only this run's results are compared.
+    rm -f "$out/tessera.json" "$out/llama-cpu.json" "$out/llama-vulkan.json"
+    export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 
-echo "== tessera bench (every device) on $model" >&2
-"$tessera" bench -m "$model" -p "$p" -n "$n" -r "$r" --device all -o json > "$out/tessera.json"
+    echo "== tessera bench (every device) on $model" >&2
+    "$tessera" bench -m "$model" -p "$p" -n "$n" -r "$r" --device all -o json > "$out/tessera.json"
 
-if [ -n "${LLAMA_BENCH_CPU:-}" ]; then
-    echo "== llama.cpp CPU ($threads threads)" >&2
-    "$LLAMA_BENCH_CPU" -m "$model" -p "$p" -n "$n" -r "$r" -t "$threads" -o json \
-        > "$out/llama-cpu.json" 2> "$out/llama-cpu.log"
-fi
-if [ -n "${LLAMA_BENCH_VK:-}" ]; then
-    echo "== llama.cpp Vulkan (device 0)" >&2
-    GGML_VK_VISIBLE_DEVICES=0 "$LLAMA_BENCH_VK" -m "$model" -p "$p" -n "$n" -r "$r" -ngl 99 \
-        -o json > "$out/llama-vulkan.json" 2> "$out/llama-vulkan.log"
-fi
-
-python3 - "$out" <<'EOF'
+    if [ -n "${LLAMA_BENCH_CPU:-}" ]; then
+        echo "== llama.cpp CPU ($threads threads)" >&2
+        "$LLAMA_BENCH_CPU" -m "$model" -p "$p" -n "$n" -r "$r" -t "$threads" -o json \
+            > "$out/llama-cpu.json" 2> "$out/llama-cpu.log"
+    fi
+    if [ -n "${LLAMA_BENCH_VK:-}" ]; then
+        echo "== llama.cpp Vulkan (device 0)" >&2
+        GGML_VK_VISIBLE_DEVICES=0 "$LLAMA_BENCH_VK" -m "$model" -p "$p" -n "$n" -r "$r" -ngl 99 \
+            -o json > "$out/llama-vulkan.json" 2> "$out/llama-vulkan.log"
+    fi
+    python3 - "$out" <<'EOF'
 import json, os, sys
 
 out = sys.argv[1]
@@ -101,9 +111,36 @@ for t, recs in sorted(rows.items(), key=lambda kv: order(kv[0])):
         for theirs in [c for c in columns if c.startswith("llama.cpp")]:
             if ours in recs and theirs in recs and recs[theirs]["avg_ts"] > 0:
                 ratio = recs[ours]["avg_ts"] / recs[theirs]["avg_ts"]
-                ratios.append(f"  {t}: {ours} / {theirs} = {ratio:.2f}x")
+                ratios.append((f"{t}: {ours} / {theirs}", ratio))
 if ratios:
     print()
     print("Ratios (Tessera / llama.cpp, tokens/s):")
-    print("\n".join(ratios))
+    print("\n".join(f"  {name} = {ratio:.2f}x" for name, ratio in ratios))
+with open(os.path.join(out, "ratios.json"), "w") as f:
+    json.dump(ratios, f)
+EOF
+}
+
+if [ "$rounds" -le 1 ]; then
+    compare_once "$out"
+    exit 0
+fi
+for i in $(seq 1 "$rounds"); do
+    echo "== round $i of $rounds ($(date -u +%H:%M:%S) UTC)" >&2
+    compare_once "$out/round$i"
+    echo
+done
+python3 - "$out" "$rounds" <<'EOF'
+import json, os, statistics, sys
+
+out, rounds = sys.argv[1], int(sys.argv[2])
+by_name = {}
+for i in range(1, rounds + 1):
+    with open(os.path.join(out, f"round{i}", "ratios.json")) as f:
+        for name, ratio in json.load(f):
+            by_name.setdefault(name, []).append(ratio)
+print(f"Ratios over {rounds} rounds (each round's, then their median):")
+for name, values in by_name.items():
+    each = ", ".join(f"{v:.2f}x" for v in values)
+    print(f"  {name}: {each}; median {statistics.median(values):.2f}x")
 EOF
