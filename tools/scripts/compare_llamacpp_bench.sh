@@ -37,6 +37,10 @@ here="$(cd "$(dirname "$0")/../.." && pwd)"
 tessera="${TESSERA:-$here/target/release/tessera}"
 p="${P:-512}"; n="${N:-128}"; r="${R:-3}"; threads="${THREADS:-$(nproc)}"
 rounds="${ROUNDS:-1}"
+if ! [[ "$rounds" =~ ^[1-9][0-9]*$ ]]; then
+    echo "ROUNDS=$rounds: give a whole number of rounds, 1 or more" >&2
+    exit 1
+fi
 out="${OUT:-$here/target/bench-compare}"
 if [ ! -x "$tessera" ]; then
     echo "no tessera binary at $tessera: build it (cargo build --release) or set TESSERA" >&2
