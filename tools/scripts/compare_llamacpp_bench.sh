@@ -47,6 +47,13 @@ if [ ! -x "$tessera" ]; then
     exit 1
 fi
 model="${1:-$("$tessera" fetch)}"
+# Stops the script where llama-bench ($1) failed, with the end of its log ($2).
+llama_failed() {
+    echo "llama-bench $1 failed (its log: $2):" >&2
+    tail -n 5 "$2" >&2
+    exit 1
+}
+
 # One comparison into folder $1: each program's JSON there, then the table and the ratios.
 compare_once() {
     local out="$1"
@@ -61,12 +68,14 @@ compare_once() {
     if [ -n "${LLAMA_BENCH_CPU:-}" ]; then
         echo "== llama.cpp CPU ($threads threads)" >&2
         "$LLAMA_BENCH_CPU" -m "$model" -p "$p" -n "$n" -r "$r" -t "$threads" -o json \
-            > "$out/llama-cpu.json" 2> "$out/llama-cpu.log"
+            > "$out/llama-cpu.json" 2> "$out/llama-cpu.log" \
+            || llama_failed "$LLAMA_BENCH_CPU" "$out/llama-cpu.log"
     fi
     if [ -n "${LLAMA_BENCH_VK:-}" ]; then
         echo "== llama.cpp Vulkan (device 0)" >&2
         GGML_VK_VISIBLE_DEVICES=0 "$LLAMA_BENCH_VK" -m "$model" -p "$p" -n "$n" -r "$r" -ngl 99 \
-            -o json > "$out/llama-vulkan.json" 2> "$out/llama-vulkan.log"
+            -o json > "$out/llama-vulkan.json" 2> "$out/llama-vulkan.log" \
+            || llama_failed "$LLAMA_BENCH_VK" "$out/llama-vulkan.log"
     fi
     python3 - "$out" <<'EOF'
 import json, os, sys

@@ -696,7 +696,7 @@ fn unroll_setting(value: Option<&str>) -> usize {
         Ok(_) => {
             log::warn!(
                 "TESSERA_MATVEC_UNROLL={value}: at most {MATVEC_UNROLL_LIMIT} groups are \
-                 unrolled (longer kernels take minutes to compile)"
+                 unrolled (longer kernels take minutes to compile): using {MATVEC_UNROLL_LIMIT}"
             );
             MATVEC_UNROLL_LIMIT
         }
