@@ -36,6 +36,8 @@ pub(crate) struct Snapshot {
     name: String,
     /// The name it carries meanwhile, which the threads it starts inherit.
     marker: String,
+    /// The threads it started, once listed (by `spread_new_threads`), for the drop to rename.
+    started: Option<Vec<i32>>,
 }
 
 impl Snapshot {
@@ -54,19 +56,23 @@ impl Snapshot {
             threads,
             name,
             marker,
+            started: None,
         })
     }
 
     /// The threads started since the snapshot by the calling thread (they carry its marker), in
-    /// the order they were created.
-    fn started(&self) -> Vec<i32> {
-        sys::threads().map_or_else(Vec::new, |now| new_named(&self.threads, &self.marker, &now))
+    /// the order they were created; listed once, on the first call.
+    fn started(&mut self) -> &[i32] {
+        let (before, marker) = (&self.threads, &self.marker);
+        self.started.get_or_insert_with(|| {
+            sys::threads().map_or_else(Vec::new, |now| new_named(before, marker, &now))
+        })
     }
 
     /// Pins the threads started since the snapshot to the calling thread's CPUs in turn, where
     /// at least two CPUs and as many such threads as CPUs exist; returns each pinned thread with
     /// its CPU. A thread that cannot be pinned is reported and skipped.
-    pub(crate) fn spread_new_threads(&self) -> Vec<(i32, usize)> {
+    pub(crate) fn spread_new_threads(&mut self) -> Vec<(i32, usize)> {
         let Some(cpus) = sys::allowed_cpus() else {
             return Vec::new();
         };
@@ -74,7 +80,7 @@ impl Snapshot {
         if cpus.len() < 2 || started.len() < cpus.len() {
             return Vec::new();
         }
-        round_robin(&started, &cpus)
+        round_robin(started, &cpus)
             .into_iter()
             .filter(|&(tid, cpu)| match sys::pin(tid, cpu) {
                 Ok(()) => true,
@@ -90,8 +96,9 @@ impl Snapshot {
 impl Drop for Snapshot {
     /// Gives the calling thread, and the threads it started meanwhile, its own name back.
     fn drop(&mut self) {
-        for tid in self.started() {
-            let _ = sys::set_name(tid, &self.name);
+        let name = self.name.clone();
+        for &tid in self.started() {
+            let _ = sys::set_name(tid, &name);
         }
         let _ = sys::set_current_name(&self.name);
     }
@@ -283,7 +290,7 @@ mod tests {
         use std::sync::{mpsc, Arc, Mutex};
         let cpus = sys::allowed_cpus().expect("sched_getaffinity");
         let name = sys::current_name().expect("/proc/thread-self/comm");
-        let before = Snapshot::take().expect("a snapshot on Linux");
+        let mut before = Snapshot::take().expect("a snapshot on Linux");
         assert_eq!(sys::current_name().as_ref(), Some(&before.marker));
         let (done_tx, done_rx) = mpsc::channel::<()>();
         let done_rx = Arc::new(Mutex::new(done_rx));

@@ -329,7 +329,7 @@ impl Gpu {
             && crate::affinity::pinning_setting(
                 std::env::var("TESSERA_PIN_THREADS").ok().as_deref(),
             );
-        let threads_before = pinning.then(crate::affinity::Snapshot::take).flatten();
+        let mut threads_before = pinning.then(crate::affinity::Snapshot::take).flatten();
         let adapter = choose(&options.selector)?;
         let info = adapter.get_info();
         let offered = adapter.features();
@@ -413,7 +413,7 @@ impl Gpu {
         // A CPU device's workers, one core each (see `affinity`); the snapshot, dropped here,
         // gives this thread's name back.
         let pinned_threads = match threads_before {
-            Some(ref before) if info.device_type == wgpu::DeviceType::Cpu => {
+            Some(ref mut before) if info.device_type == wgpu::DeviceType::Cpu => {
                 before.spread_new_threads()
             }
             _ => Vec::new(),
