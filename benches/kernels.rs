@@ -1,7 +1,7 @@
 //! Kernel throughput on the default device: mat-vec and matmul for each weight type, attention
 //! at several context lengths, RMSNorm (SmolLM2-135M's shapes), and the training gemm in its
-//! three orientations (the `1m` training model's shapes). Each iteration is one submit and
-//! wait, so small kernels include the submit overhead.
+//! three orientations (the `1m` training model's shapes), and the cost of a dispatch itself.
+//! Each iteration is one submit and wait, so small kernels include the submit overhead.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tessera::runtime::autograd::matmul::{gemm, GemmShape, Strided};
@@ -170,5 +170,30 @@ fn train_gemm(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, linear, attention, rmsnorm, train_gemm);
+/// What one dispatch costs beyond its work: 100 dispatches of a 64-element add in one submit
+/// (criterion's elements/s are dispatches a second). A decode step of SmolLM2-135M is 184
+/// dispatches, so on a device where this is tens of microseconds (lavapipe, whose worker
+/// threads are woken and joined for every dispatch) it is a floor under the time of a token.
+fn launch(c: &mut Criterion) {
+    let gpu = gpu();
+    let mut group = c.benchmark_group("launch");
+    group.sample_size(10);
+    let (len, count) = (64, 100);
+    let a = gpu.tensor_from(&[len], &random_f32(len, 1)).unwrap();
+    let b = gpu.tensor_from(&[len], &random_f32(len, 2)).unwrap();
+    group.throughput(Throughput::Elements(count as u64));
+    group.bench_function(format!("add{len}_x{count}"), |bench| {
+        bench.iter(|| {
+            let mut rec = Recorder::new(&gpu);
+            for _ in 0..count {
+                ops::add(&mut rec, &a, &b, len).unwrap();
+            }
+            rec.submit().unwrap();
+            gpu.wait().unwrap();
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, linear, attention, rmsnorm, train_gemm, launch);
 criterion_main!(benches);
