@@ -4,9 +4,11 @@
 // device's threads (each runs whole workgroups).
 //
 // x is a uniform binding: a load of x is the same for every lane, which the device can serve
-// with one scalar load, and each serves both rows. Row indices past the part are clamped and
-// their results dropped, so every lane runs the same loads. x is read as vec4 (k is a multiple
-// of 4); the parameters are those of `linear_rows.wgsl`, of which this is the m = 1 case.
+// with one scalar load, and each serves both rows. Unrolled kernels first copy x into workgroup
+// memory (`share_x`, the runtime's), where such a load needs no bounds check. Row indices past
+// the part are clamped and their results dropped, so every lane runs the same loads. x is read
+// as vec4 (k is a multiple of 4); the parameters are those of `linear_rows.wgsl`, of which this
+// is the m = 1 case.
 //
 // With SWIGLU = 1 the two rows of a lane are row n of the gate projection and row n of the up
 // projection, bound as two buffers read as one (`split` words of gate, then up; see the runtime's
@@ -220,6 +222,7 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    share_x(lid);
     var n0 = (wid.x + wid.y * nwg.x) * 2u * LANES + lid;
     var n1 = n0 + LANES;
     row0 = min(n0, p.n - 1u) * p.row_bytes;
