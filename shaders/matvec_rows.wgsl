@@ -5,7 +5,7 @@
 //
 // x is a uniform binding: a load of x is the same for every lane, which the device can serve
 // with one scalar load, and each serves both rows. Unrolled kernels first copy x into workgroup
-// memory (`share_x`, the runtime's), where such a load needs no bounds check. Row indices past
+// memory where it fits (`share_x`, the runtime's), where such a load needs no bounds check. Row indices past
 // the part are clamped and their results dropped, so every lane runs the same loads. x is read
 // as vec4 (k is a multiple of 4); the parameters are those of `linear_rows.wgsl`, of which this
 // is the m = 1 case.
@@ -85,10 +85,11 @@ fn store(n: u32, value: f32) {
 }
 
 // RMSNorm folded in (NORM = 1): y = W RMSNorm(x) = rms_scale() W (norm_w * x). Before the
-// groups, `norm_x(i)` (the runtime's) adds x[i]'s squares into `xsq` and keeps x[i] norm_w[i]
-// for `xin(i)`, once for both rows of a lane: scaling x inside every group's dot product
-// instead made decoding slower than the separate norm's dispatch did (lavapipe). Unrolled,
-// with constant indices: a loop over x would load it lane by lane.
+// groups, the runtime's `share_x` (into workgroup memory) or `norm_x(i)` (into a private copy)
+// adds x's squares into `xsq` and keeps x[i] norm_w[i] for `xin(i)`, once for both rows of a
+// lane: scaling x inside every group's dot product instead made decoding slower than the
+// separate norm's dispatch did (lavapipe). `norm_x` is unrolled, with constant indices: a loop
+// over x would load it lane by lane.
 var<private> xsq: vec4<f32>;
 
 fn rms_scale() -> f32 {
@@ -222,6 +223,7 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    xsq = vec4<f32>(0.0);
     share_x(lid);
     var n0 = (wid.x + wid.y * nwg.x) * 2u * LANES + lid;
     var n1 = n0 + LANES;
@@ -277,7 +279,6 @@ fn main(
     row1 += p.w_offset;
     acc0 = 0.0;
     acc1 = 0.0;
-    xsq = vec4<f32>(0.0);
     var scale = 1.0;
     if (NORM == 1u) {
         // The first UNROLL groups' squares with constant indices, then the rest in a loop.

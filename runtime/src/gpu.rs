@@ -171,6 +171,9 @@ pub struct GpuOptions {
     /// ([`Gpu::pinned_threads`]; also `TESSERA_PIN_THREADS=0`): for a process that keeps cores
     /// busy with work of its own, which a pinned worker cannot move away from.
     pub no_thread_pinning: bool,
+    /// Keeps the decode mat-vec's x out of workgroup memory ([`Gpu::shared_x`]), so that tests
+    /// run its path for devices with too little of it on any device.
+    pub no_shared_x: bool,
 }
 
 /// An opened device with its queue, limits, pipeline cache and buffer pool.
@@ -186,6 +189,7 @@ pub struct Gpu {
     pub(crate) pool: Arc<Mutex<BufferPool>>,
     pub(crate) device_error: Arc<Mutex<Option<String>>>,
     weight_textures: bool,
+    shared_x: bool,
     pinned_threads: Vec<(i32, usize)>,
 }
 
@@ -440,6 +444,7 @@ impl Gpu {
             pool: Arc::new(Mutex::new(BufferPool::default())),
             device_error,
             weight_textures,
+            shared_x: !options.no_shared_x,
             pinned_threads,
         })
     }
@@ -488,6 +493,12 @@ impl Gpu {
     /// mat-vec over weights that miss the caches runs about 1.5x faster from a texture.
     pub fn weight_textures(&self) -> bool {
         self.weight_textures
+    }
+
+    /// Whether the decode mat-vec may copy x into workgroup memory where it fits
+    /// (`ops::linear`'s `x_shared_fits`): off only through [`GpuOptions::no_shared_x`].
+    pub fn shared_x(&self) -> bool {
+        self.shared_x
     }
 
     /// The driver threads this device pinned, each with its CPU: on a CPU device, the threads

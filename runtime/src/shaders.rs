@@ -427,11 +427,11 @@ fn store_kv(seg: u32, n: u32, value: f32) {
 }
 ";
 
-/// `matvec_rows`'s x for unrolled kernels without the norm: `share_x` copies it into workgroup
-/// memory, from which the unrolled groups' loads (constant indices) are one scalar load for all
-/// SIMD lanes each. From the uniform binding, llvmpipe checks every such load against the
-/// binding's size and branches on it: SmolLM2-135M Q4_1 tg64 on lavapipe (two cores, five runs
-/// each, interleaved) 21.9-23.2 -> 26.3-27.8 t/s.
+/// `matvec_rows`'s x where the kernel copies it into workgroup memory (XSHARED = 1, unrolled
+/// kernels whose x fits): `share_x` copies it there, from where the unrolled groups' loads
+/// (constant indices) are one scalar load for all SIMD lanes each. From the uniform binding,
+/// llvmpipe checks every such load against the binding's size and branches on it: SmolLM2-135M
+/// Q4_1 tg64 on lavapipe (two cores, five runs each, interleaved) 21.9-23.2 -> 26.3-27.8 t/s.
 const X_SHARED: &str = "var<workgroup> x_shared: array<vec4<f32>, XV>;
 fn share_x(lid: u32) {
     for (var i = lid; i < XV; i += LANES) {
@@ -445,20 +445,45 @@ fn xin(i: u32) -> vec4<f32> {
 fn norm_x(i: u32) {}
 ";
 
-/// How `matvec_rows` reads x: `xin(i)`, its i-th 4 elements (after `share_x(lid)`, which every
-/// invocation calls first: [`X_SHARED`] where the kernel is unrolled); with NORM = 1 the same
-/// times the RMSNorm weight's (bound after the kernel's other bindings: the up projection's with
-/// SWIGLU = 1, the caches with QKV = 1), which `norm_x(i)` computes once into a private copy
-/// and whose squares it sums (see `matvec_rows.wgsl`).
+/// The same with the RMSNorm folded in (NORM = 1): `share_x` stores x times the norm's weight,
+/// each lane adds the squares of the elements it copied, and every lane then sums the lanes'
+/// sums into `xsq`; `norm_x` has nothing left to do.
+const X_SHARED_NORM: &str = "var<workgroup> x_shared: array<vec4<f32>, XV>;
+var<workgroup> squares: array<vec4<f32>, LANES>;
+fn share_x(lid: u32) {
+    var s = vec4<f32>(0.0);
+    for (var i = lid; i < XV; i += LANES) {
+        let v = x[i];
+        s = fma(v, v, s);
+        x_shared[i] = v * norm_w[i];
+    }
+    squares[lid] = s;
+    workgroupBarrier();
+    for (var j = 0u; j < LANES; j++) {
+        xsq += squares[j];
+    }
+}
+fn xin(i: u32) -> vec4<f32> {
+    return x_shared[i];
+}
+fn norm_x(i: u32) {}
+";
+
+/// How `matvec_rows` reads x: `xin(i)`, its i-th 4 elements, after `share_x(lid)`, which every
+/// invocation calls first ([`X_SHARED`] with XSHARED = 1). With NORM = 1 the same times the
+/// RMSNorm weight's (bound after the kernel's other bindings: the up projection's with
+/// SWIGLU = 1, the caches with QKV = 1), whose squares are summed into `xsq`: in workgroup
+/// memory by `share_x` ([`X_SHARED_NORM`]), or by `norm_x(i)` into a private copy (see
+/// `matvec_rows.wgsl`).
 fn norm_input(defines: &[(&'static str, u32)]) -> String {
+    let shared = defines.contains(&("XSHARED", 1));
     if !defines.contains(&("NORM", 1)) {
-        let unrolled = defines.iter().any(|&(name, v)| name == "UNROLL" && v > 0);
-        if !unrolled {
-            return "fn xin(i: u32) -> vec4<f32> {\n    return x[i];\n}\nfn norm_x(i: u32) {}\n\
-                    fn share_x(lid: u32) {}\n"
-                .into();
+        if shared {
+            return X_SHARED.into();
         }
-        return X_SHARED.into();
+        return "fn xin(i: u32) -> vec4<f32> {\n    return x[i];\n}\nfn norm_x(i: u32) {}\n\
+                fn share_x(lid: u32) {}\n"
+            .into();
     }
     let binding = if defines.contains(&("QKV", 1)) {
         6
@@ -467,20 +492,23 @@ fn norm_input(defines: &[(&'static str, u32)]) -> String {
     } else {
         4
     };
-    format!(
-        "@group(0) @binding({binding}) var<uniform> norm_w: array<vec4<f32>, XV>;
-var<private> x_normed: array<vec4<f32>, XV>;
-fn norm_x(i: u32) {{
+    let norm_w =
+        format!("@group(0) @binding({binding}) var<uniform> norm_w: array<vec4<f32>, XV>;\n");
+    if shared {
+        return norm_w + X_SHARED_NORM;
+    }
+    norm_w
+        + "var<private> x_normed: array<vec4<f32>, XV>;
+fn norm_x(i: u32) {
     let v = x[i];
     xsq = fma(v, v, xsq);
     x_normed[i] = v * norm_w[i];
-}}
-fn xin(i: u32) -> vec4<f32> {{
+}
+fn xin(i: u32) -> vec4<f32> {
     return x_normed[i];
-}}
-fn share_x(lid: u32) {{}}
+}
+fn share_x(lid: u32) {}
 "
-    )
 }
 
 /// `store_kv` where there are no key and value outputs: never called.
@@ -557,8 +585,13 @@ mod tests {
                             ("NORM", norm),
                             ("LANES", 16),
                             ("UNROLL", unroll),
+                            ("XSHARED", 0),
                         ]);
-                        all.push(("matvec_rows", d));
+                        all.push(("matvec_rows", d.clone()));
+                        if unroll > 0 {
+                            *d.last_mut().unwrap() = ("XSHARED", 1);
+                            all.push(("matvec_rows", d));
+                        }
                     }
                     continue;
                 }

@@ -602,6 +602,16 @@ fn matvec_rows_key(gpu: &Gpu, dtype: DType, len: usize, texels: bool) -> Pipelin
         .define("XV", (len / 4) as u32)
         .define("LANES", MATVEC_LANES)
         .define("UNROLL", unrolled_groups(len))
+        .define("XSHARED", x_shared_fits(gpu, len) as u32)
+}
+
+/// Whether an unrolled `matvec_rows` kernel over rows of `len` elements copies x into workgroup
+/// memory first (`XSHARED`; see `shaders::norm_input`): x and one vector of squares a lane
+/// must fit the device's workgroup storage.
+fn x_shared_fits(gpu: &Gpu, len: usize) -> bool {
+    let bytes = 4 * len + 16 * MATVEC_LANES as usize;
+    let room = gpu.limits().max_compute_workgroup_storage_size as usize;
+    gpu.shared_x() && unrolled_groups(len) > 0 && bytes <= room
 }
 
 /// The texture binding of `part` of `w` (and its first texel) where `matvec_rows` reads it

@@ -84,8 +84,9 @@ pub(crate) mod test_util {
         ]
     }
 
-    /// The lane-per-row layout without 64-bit integers or weight textures: weights loaded from
-    /// buffers as 32-bit words, as on devices that lack both.
+    /// The lane-per-row layout without 64-bit integers, weight textures or x in workgroup
+    /// memory: weights loaded from buffers as 32-bit words and x from its uniform binding, as on
+    /// devices that lack all three.
     pub fn narrow_rows() -> &'static Gpu {
         static NARROW: OnceLock<Gpu> = OnceLock::new();
         NARROW.get_or_init(|| {
@@ -93,6 +94,7 @@ pub(crate) mod test_util {
                 layout: Some(KernelLayout::LanePerRow),
                 no_int64: true,
                 no_weight_textures: true,
+                no_shared_x: true,
                 ..Default::default()
             })
         })
