@@ -248,6 +248,28 @@ fn bad_input_is_a_clear_error() {
     assert_clean_failure(&out, &["/nonexistent/model.gguf"]);
     let out = tessera(&["bench", "-m", "/nonexistent/model.gguf", "--type", "Q4_0"]);
     assert_clean_failure(&out, &["--type"]);
+    // A file that is no model fails before any device is measured, and JSON output then prints
+    // nothing that could pass for a result.
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("notes.gguf");
+    std::fs::write(&text, "not a model").unwrap();
+    let out = tessera(&["bench", "-m", text.to_str().unwrap(), "-o", "json"]);
+    assert_clean_failure(&out, &["notes.gguf", "not a GGUF file"]);
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!stderr(&out).contains("copy"), "{}", stderr(&out));
+    // --memcpy measures nothing else, so a model or test length beside it is a mistake.
+    for extra in [
+        &["-p", "0"][..],
+        &["--synthetic", "llama-1b"],
+        &["-m", "x.gguf"],
+    ] {
+        let out = tessera(&[&["bench", "--memcpy"][..], extra].concat());
+        assert_clean_failure(&out, &["--memcpy", "cannot be used with"]);
+    }
 }
 
 #[test]

@@ -8,7 +8,7 @@
 #
 # Either llama-bench may be left unset; MODEL defaults to the default model (`tessera fetch`).
 # Settings (environment): P (prompt length, default 512), N (tokens generated, 128), R
-# (repetitions, 3), ROUNDS (times the whole comparison runs, 1), THREADS (llama.cpp CPU
+# (repetitions, 3), ROUNDS (times the whole comparison runs, 1 to 999; 1), THREADS (llama.cpp CPU
 # threads, all cores), TESSERA (the binary), OUT (a folder for the raw JSON, default
 # target/bench-compare; with ROUNDS above 1, a folder per round in it).
 #
@@ -37,10 +37,19 @@ here="$(cd "$(dirname "$0")/../.." && pwd)"
 tessera="${TESSERA:-$here/target/release/tessera}"
 p="${P:-512}"; n="${N:-128}"; r="${R:-3}"; threads="${THREADS:-$(nproc)}"
 rounds="${ROUNDS:-1}"
-if ! [[ "$rounds" =~ ^[1-9][0-9]*$ ]]; then
-    echo "ROUNDS=$rounds: give a whole number of rounds, 1 or more" >&2
+if ! [[ "$rounds" =~ ^[1-9][0-9]{0,2}$ ]]; then
+    echo "ROUNDS=$rounds: give a whole number of rounds from 1 to 999" >&2
     exit 1
 fi
+# A llama-bench that cannot run is named now, not after Tessera's minutes of benchmarking.
+for var in LLAMA_BENCH_CPU LLAMA_BENCH_VK; do
+    path="${!var:-}"
+    if [ -n "$path" ] && ! { [ -f "$path" ] && [ -x "$path" ]; }; then
+        echo "$var=$path is not an executable file: give the path of a llama-bench build" \
+            "(see this script's header) or leave $var unset" >&2
+        exit 1
+    fi
+done
 out="${OUT:-$here/target/bench-compare}"
 if [ ! -x "$tessera" ]; then
     echo "no tessera binary at $tessera: build it (cargo build --release) or set TESSERA" >&2
@@ -62,32 +71,52 @@ compare_once() {
     rm -f "$out/tessera.json" "$out/llama-cpu.json" "$out/llama-vulkan.json"
     export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 
+    # Each program's JSON is kept only when the program succeeded (written to .part, then
+    # renamed), so that a failed run leaves no result that looks like one.
     echo "== tessera bench (every device) on $model" >&2
-    "$tessera" bench -m "$model" -p "$p" -n "$n" -r "$r" --device all -o json > "$out/tessera.json"
+    "$tessera" bench -m "$model" -p "$p" -n "$n" -r "$r" --device all -o json \
+        > "$out/tessera.json.part"
+    mv "$out/tessera.json.part" "$out/tessera.json"
 
     if [ -n "${LLAMA_BENCH_CPU:-}" ]; then
         echo "== llama.cpp CPU ($threads threads)" >&2
         "$LLAMA_BENCH_CPU" -m "$model" -p "$p" -n "$n" -r "$r" -t "$threads" -o json \
-            > "$out/llama-cpu.json" 2> "$out/llama-cpu.log" \
+            > "$out/llama-cpu.json.part" 2> "$out/llama-cpu.log" \
             || llama_failed "$LLAMA_BENCH_CPU" "$out/llama-cpu.log"
+        mv "$out/llama-cpu.json.part" "$out/llama-cpu.json"
     fi
     if [ -n "${LLAMA_BENCH_VK:-}" ]; then
         echo "== llama.cpp Vulkan (device 0)" >&2
         GGML_VK_VISIBLE_DEVICES=0 "$LLAMA_BENCH_VK" -m "$model" -p "$p" -n "$n" -r "$r" -ngl 99 \
-            -o json > "$out/llama-vulkan.json" 2> "$out/llama-vulkan.log" \
+            -o json > "$out/llama-vulkan.json.part" 2> "$out/llama-vulkan.log" \
             || llama_failed "$LLAMA_BENCH_VK" "$out/llama-vulkan.log"
+        mv "$out/llama-vulkan.json.part" "$out/llama-vulkan.json"
     fi
     python3 - "$out" <<'EOF'
 import json, os, sys
 
 out = sys.argv[1]
 
+FIELDS = ("n_prompt", "n_gen", "avg_ts", "stddev_ts")
+
 def load(name):
     path = os.path.join(out, name)
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            records = json.load(f)
+        if not isinstance(records, list):
+            raise ValueError("not a list of records")
+        for rec in records:
+            missing = [k for k in FIELDS if k not in rec]
+            if missing:
+                raise ValueError(f"a record without {', '.join(missing)}")
+    except (ValueError, TypeError) as e:
+        log = path.replace(".json", ".log")
+        hint = f" (its log: {log})" if os.path.exists(log) else ""
+        sys.exit(f"{path} is not llama-bench's JSON: {e}{hint}")
+    return records
 
 def test(rec):
     return f"pp{rec['n_prompt']}" if rec["n_gen"] == 0 else f"tg{rec['n_gen']}"

@@ -9,7 +9,7 @@
 //! first. Progress goes to stderr; results to stdout as a markdown table, JSON, JSON lines or
 //! CSV, with llama-bench's field names where a field means the same.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
@@ -72,7 +72,8 @@ pub struct BenchArgs {
     )]
     repetitions: u32,
 
-    /// Adapter to run on: `all`, an index or a name from `tessera devices`, or `auto`.
+    /// Adapter to run on: `all`, an index, a name or a backend (`vulkan`, `gl`, ...) from
+    /// `tessera devices`, or `auto`.
     #[arg(long, env = "TESSERA_DEVICE", default_value = "auto")]
     device: String,
 
@@ -89,7 +90,9 @@ pub struct BenchArgs {
     csv: bool,
 
     /// Only measure each device's copy bandwidth (256 MiB buffer to buffer, best of 5).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = [
+        "model", "synthetic", "weight_type", "n_prompt", "n_gen", "repetitions", "seed",
+    ])]
     memcpy: bool,
 
     /// Seed of the synthetic weights and the random prompt tokens.
@@ -175,7 +178,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Ok(copy) => copies.push(copy),
             Err(e) => {
                 // What was measured stays readable: the JSON array is closed before the error.
-                let _ = printer.finish();
+                // With nothing measured nothing is printed, so that no empty result looks like
+                // one.
+                if printer.records > 0 {
+                    let _ = printer.finish();
+                }
                 return Err(e);
             }
         }
@@ -267,7 +274,10 @@ fn source(args: &BenchArgs) -> Result<Source> {
         if args.weight_type.is_some() {
             bail!("--type sets the weights of a --synthetic model; a model file has its own types");
         }
-        return Ok(Source::File(model_path(&args.model)?));
+        let path = model_path(&args.model)?;
+        // A file that is no GGUF model is named before any device is opened and measured.
+        open_model(&path)?;
+        return Ok(Source::File(path));
     };
     let Some(preset) = presets::preset(arch) else {
         bail!(
@@ -289,6 +299,10 @@ fn source(args: &BenchArgs) -> Result<Source> {
     Ok(Source::Synthetic { preset, dtype })
 }
 
+fn open_model(path: &Path) -> Result<GgufFile> {
+    GgufFile::open(path).with_context(|| format!("opening {}", path.display()))
+}
+
 fn check_context(n_ctx: usize, n_ctx_train: usize) -> Result<()> {
     if n_ctx > n_ctx_train {
         bail!(
@@ -302,8 +316,7 @@ fn check_context(n_ctx: usize, n_ctx_train: usize) -> Result<()> {
 fn load(source: &Source, gpu: &std::sync::Arc<Gpu>, seed: u64) -> Result<LlamaModel> {
     Ok(match source {
         Source::File(path) => {
-            let file =
-                GgufFile::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let file = open_model(path)?;
             LlamaModel::load(gpu.clone(), &file)
                 .with_context(|| format!("loading model {}", path.display()))?
         }

@@ -132,6 +132,11 @@ impl LlamaConfig {
                 "must be a positive number",
             );
         }
+        if self.n_ctx_train == 0 {
+            let rule = "a model is trained on at least one token of context; fix the file's \
+                        metadata (llama.cpp's gguf_set_metadata.py) or convert the model again";
+            return bad("context_length", "0".into(), rule);
+        }
         if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0) {
             let rule = "must be a number of 0 or more";
             return bad(
@@ -141,5 +146,30 @@ impl LlamaConfig {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_no_tensor_shape_catches_are_refused_naming_their_key() {
+        let good = crate::llm::presets::preset("smollm2-135m").unwrap().config;
+        good.validate().unwrap();
+        type Spoil = fn(&mut LlamaConfig);
+        let cases: [(&str, Spoil); 5] = [
+            ("block_count", |c| c.n_layer = 0),
+            ("feed_forward_length", |c| c.n_ff = 0),
+            ("rope.dimension_count", |c| c.n_rot = 3),
+            ("rope.freq_base", |c| c.rope_base = f32::NAN),
+            ("context_length", |c| c.n_ctx_train = 0),
+        ];
+        for (key, spoil) in cases {
+            let mut config = good.clone();
+            spoil(&mut config);
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(&format!("llama.{key}`")), "{key}: {err}");
+        }
     }
 }
