@@ -103,9 +103,26 @@ pub fn linear(
 }
 
 /// Invocations of a `matvec_rows` workgroup, each owning two rows of W. A workgroup runs on one
-/// of the device's threads, so a matrix of 192 or 576 rows must split into many of them to keep
-/// every thread busy.
-const MATVEC_LANES: u32 = 16;
+/// of the device's threads, so a matrix of 576 rows must split into several of them a thread to
+/// keep every thread busy; but each workgroup also copies x and meets at a barrier, so fewer,
+/// larger ones cost less where there are few threads. 32 where the CPU device has up to 4
+/// (lavapipe starts one a CPU, or `LP_NUM_THREADS`), else 16. SmolLM2-135M Q4_1 tg64 on
+/// lavapipe with two cores (2026-12-06, runs interleaved): 16 lanes 27.1/28.1/29.5 t/s, 32 lanes
+/// 30.5/30.6/33.3 and 32.5/32.0/33.0, 64 lanes 28.3/28.3/30.0, 8 lanes 25.2-26.1.
+fn matvec_lanes() -> u32 {
+    static LANES: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *LANES.get_or_init(|| {
+        let setting = std::env::var("LP_NUM_THREADS").ok();
+        let threads = setting.and_then(|v| v.trim().parse::<usize>().ok());
+        let threads =
+            threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if threads <= 4 {
+            32
+        } else {
+            16
+        }
+    })
+}
 
 /// The `Params` words the linear kernels share (see `linear_rows.wgsl`), before `m`.
 fn kernel_params(part: &WeightPart, k: usize, row_bytes: u32, out: LinearOut) -> Vec<u32> {
@@ -377,7 +394,7 @@ fn matvec_part(
         (None, Some(_)) => (n / 2) as u32,
         (None, None) => (n as u32).div_ceil(2),
     };
-    let groups = split_groups(rec.gpu(), lanes.div_ceil(MATVEC_LANES), 1);
+    let groups = split_groups(rec.gpu(), lanes.div_ceil(matvec_lanes()), 1);
     for (i, (&(start, len), x_range)) in windows.iter().zip(x_ranges).enumerate() {
         // W (and the up projection) as textures where the kernel reads them so and all have one.
         let up_texels = match fusion.up {
@@ -589,7 +606,7 @@ pub fn matvec_qkv(
     bindings.extend(norm_w);
     // A lane for each pair of rows: query and key pairs, then value pairs.
     let lanes = ((q.w.rows + 2 * kv_rows) / 2) as u32;
-    let groups = split_groups(rec.gpu(), lanes.div_ceil(MATVEC_LANES), 1);
+    let groups = split_groups(rec.gpu(), lanes.div_ceil(matvec_lanes()), 1);
     rec.dispatch(&key, &params, &bindings, groups)?;
     Ok(true)
 }
@@ -600,7 +617,7 @@ fn matvec_rows_key(gpu: &Gpu, dtype: DType, len: usize, texels: bool) -> Pipelin
     weight_kernel(gpu, "matvec_rows", dtype)
         .define("WTEX", texels as u32)
         .define("XV", (len / 4) as u32)
-        .define("LANES", MATVEC_LANES)
+        .define("LANES", matvec_lanes())
         .define("UNROLL", unrolled_groups(len))
         .define("XSHARED", x_shared_fits(gpu, len) as u32)
 }
@@ -609,7 +626,7 @@ fn matvec_rows_key(gpu: &Gpu, dtype: DType, len: usize, texels: bool) -> Pipelin
 /// memory first (`XSHARED`; see `shaders::norm_input`): x and one vector of squares a lane
 /// must fit the device's workgroup storage.
 fn x_shared_fits(gpu: &Gpu, len: usize) -> bool {
-    let bytes = 4 * len + 16 * MATVEC_LANES as usize;
+    let bytes = 4 * len + 16 * matvec_lanes() as usize;
     let room = gpu.limits().max_compute_workgroup_storage_size as usize;
     gpu.shared_x() && unrolled_groups(len) > 0 && bytes <= room
 }
