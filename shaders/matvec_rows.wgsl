@@ -5,10 +5,10 @@
 //
 // x is a uniform binding: a load of x is the same for every lane, which the device can serve
 // with one scalar load, and each serves both rows. Unrolled kernels first copy x into workgroup
-// memory where it fits (`share_x`, the runtime's), where such a load needs no bounds check. Row indices past
-// the part are clamped and their results dropped, so every lane runs the same loads. x is read
-// as vec4 (k is a multiple of 4); the parameters are those of `linear_rows.wgsl`, of which this
-// is the m = 1 case.
+// memory where it fits (`share_x`, the runtime's), where such a load needs no bounds check. Row
+// indices past the part are clamped and their results dropped, so every lane runs the same
+// loads. x is read as vec4 (k is a multiple of 4); the parameters are those of
+// `linear_rows.wgsl`, of which this is the m = 1 case.
 //
 // With SWIGLU = 1 the two rows of a lane are row n of the gate projection and row n of the up
 // projection, bound as two buffers read as one (`split` words of gate, then up; see the runtime's

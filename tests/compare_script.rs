@@ -128,17 +128,15 @@ fn a_program_that_fails_leaves_no_result_file() {
     assert!(!dir.path().join("out/tessera.json").exists());
 
     let tessera = program(dir.path(), "tessera", &format!("echo '{RECORD}'"));
-    let llama = program(
-        dir.path(),
-        "llama-bench",
-        "echo '[]'; echo broken >&2; exit 3",
-    );
+    // (The Vulkan build is told to see lavapipe: llama.cpp skips CPU devices otherwise.)
+    let body = "echo '[]'; echo broken vk=$GGML_VK_VISIBLE_DEVICES >&2; exit 3";
+    let llama = program(dir.path(), "llama-bench", body);
     let env = [("TESSERA", tessera.as_path()), ("LLAMA_BENCH_VK", &llama)];
     let out = compare(dir.path(), &env, "1");
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
-        err.contains("failed (its log:") && err.contains("broken"),
+        err.contains("failed (its log:") && err.contains("broken vk=0"),
         "{err}"
     );
     assert!(dir.path().join("out/tessera.json").exists());

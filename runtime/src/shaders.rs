@@ -432,24 +432,18 @@ fn store_kv(seg: u32, n: u32, value: f32) {
 /// (constant indices) are one scalar load for all SIMD lanes each. From the uniform binding,
 /// llvmpipe checks every such load against the binding's size and branches on it: SmolLM2-135M
 /// Q4_1 tg64 on lavapipe (two cores, five runs each, interleaved) 21.9-23.2 -> 26.3-27.8 t/s.
-const X_SHARED: &str = "var<workgroup> x_shared: array<vec4<f32>, XV>;
-fn share_x(lid: u32) {
+const X_SHARED: &str = "fn share_x(lid: u32) {
     for (var i = lid; i < XV; i += LANES) {
         x_shared[i] = x[i];
     }
     workgroupBarrier();
 }
-fn xin(i: u32) -> vec4<f32> {
-    return x_shared[i];
-}
-fn norm_x(i: u32) {}
 ";
 
-/// The same with the RMSNorm folded in (NORM = 1): `share_x` stores x times the norm's weight,
-/// each lane adds the squares of the elements it copied, and every lane then sums the lanes'
-/// sums into `xsq`; `norm_x` has nothing left to do.
-const X_SHARED_NORM: &str = "var<workgroup> x_shared: array<vec4<f32>, XV>;
-var<workgroup> squares: array<vec4<f32>, LANES>;
+/// [`X_SHARED`] with the RMSNorm folded in (NORM = 1): `share_x` stores x times the norm's
+/// weight, each lane adds the squares of the elements it copied, and every lane then sums the
+/// lanes' sums into `xsq`.
+const X_SHARED_NORM: &str = "var<workgroup> squares: array<vec4<f32>, LANES>;
 fn share_x(lid: u32) {
     var s = vec4<f32>(0.0);
     for (var i = lid; i < XV; i += LANES) {
@@ -463,42 +457,12 @@ fn share_x(lid: u32) {
         xsq += squares[j];
     }
 }
-fn xin(i: u32) -> vec4<f32> {
-    return x_shared[i];
-}
-fn norm_x(i: u32) {}
 ";
 
-/// How `matvec_rows` reads x: `xin(i)`, its i-th 4 elements, after `share_x(lid)`, which every
-/// invocation calls first ([`X_SHARED`] with XSHARED = 1). With NORM = 1 the same times the
-/// RMSNorm weight's (bound after the kernel's other bindings: the up projection's with
-/// SWIGLU = 1, the caches with QKV = 1), whose squares are summed into `xsq`: in workgroup
-/// memory by `share_x` ([`X_SHARED_NORM`]), or by `norm_x(i)` into a private copy (see
-/// `matvec_rows.wgsl`).
-fn norm_input(defines: &[(&'static str, u32)]) -> String {
-    let shared = defines.contains(&("XSHARED", 1));
-    if !defines.contains(&("NORM", 1)) {
-        if shared {
-            return X_SHARED.into();
-        }
-        return "fn xin(i: u32) -> vec4<f32> {\n    return x[i];\n}\nfn norm_x(i: u32) {}\n\
-                fn share_x(lid: u32) {}\n"
-            .into();
-    }
-    let binding = if defines.contains(&("QKV", 1)) {
-        6
-    } else if defines.contains(&("SWIGLU", 1)) {
-        5
-    } else {
-        4
-    };
-    let norm_w =
-        format!("@group(0) @binding({binding}) var<uniform> norm_w: array<vec4<f32>, XV>;\n");
-    if shared {
-        return norm_w + X_SHARED_NORM;
-    }
-    norm_w
-        + "var<private> x_normed: array<vec4<f32>, XV>;
+/// The norm folded in without workgroup memory: `norm_x(i)`, called with constant indices,
+/// keeps x[i] times the norm's weight in a private copy and adds its squares.
+const X_PRIVATE_NORM: &str = "var<private> x_normed: array<vec4<f32>, XV>;
+fn share_x(lid: u32) {}
 fn norm_x(i: u32) {
     let v = x[i];
     xsq = fma(v, v, xsq);
@@ -507,8 +471,46 @@ fn norm_x(i: u32) {
 fn xin(i: u32) -> vec4<f32> {
     return x_normed[i];
 }
-fn share_x(lid: u32) {}
-"
+";
+
+/// How `matvec_rows` reads x: `xin(i)`, its i-th 4 elements, after `share_x(lid)`, which every
+/// invocation calls first, and `norm_x(i)`, which the kernel calls for every i before the
+/// groups where a norm is folded in. x comes from workgroup memory with XSHARED = 1
+/// ([`X_SHARED`]), else from its uniform binding. With NORM = 1 it is x times the RMSNorm
+/// weight's (bound after the kernel's other bindings: the up projection's with SWIGLU = 1, the
+/// caches with QKV = 1), whose squares are summed into `xsq` ([`X_SHARED_NORM`],
+/// [`X_PRIVATE_NORM`]; see `matvec_rows.wgsl`).
+fn norm_input(defines: &[(&'static str, u32)]) -> String {
+    let shared = defines.contains(&("XSHARED", 1));
+    let mut text = String::new();
+    if defines.contains(&("NORM", 1)) {
+        let binding = if defines.contains(&("QKV", 1)) {
+            6
+        } else if defines.contains(&("SWIGLU", 1)) {
+            5
+        } else {
+            4
+        };
+        text +=
+            &format!("@group(0) @binding({binding}) var<uniform> norm_w: array<vec4<f32>, XV>;\n");
+        if !shared {
+            return text + X_PRIVATE_NORM;
+        }
+        text += X_SHARED_NORM;
+    } else if shared {
+        text += X_SHARED;
+    } else {
+        text += "fn share_x(lid: u32) {}\n";
+    }
+    let source = if shared {
+        text += "var<workgroup> x_shared: array<vec4<f32>, XV>;\n";
+        "x_shared"
+    } else {
+        "x"
+    };
+    text + &format!(
+        "fn xin(i: u32) -> vec4<f32> {{\n    return {source}[i];\n}}\nfn norm_x(i: u32) {{}}\n"
+    )
 }
 
 /// `store_kv` where there are no key and value outputs: never called.

@@ -8,8 +8,8 @@
 #
 # Either llama-bench may be left unset; MODEL defaults to the default model (`tessera fetch`).
 # Settings (environment): P (prompt length, default 512), N (tokens generated, 128), R
-# (repetitions, 3), ROUNDS (times the whole comparison runs, 1 to 999; 1), THREADS (llama.cpp CPU
-# threads, all cores), TESSERA (the binary), OUT (a folder for the raw JSON, default
+# (repetitions, 3), ROUNDS (times the whole comparison runs, 1 to 999; 1), THREADS (llama.cpp
+# CPU threads, all cores), TESSERA (the binary), OUT (a folder for the raw JSON, default
 # target/bench-compare; with ROUNDS above 1, a folder per round in it).
 #
 # On a shared or virtual machine the speed of the whole machine drifts by 20% or more within
@@ -63,6 +63,17 @@ llama_failed() {
     exit 1
 }
 
+# Runs llama-bench $3 (with the arguments after it) into folder $1 as llama-$2.json, kept only
+# when it succeeded, and its log llama-$2.log.
+run_llama() {
+    local dir="$1" name="$2" bin="$3"
+    shift 3
+    "$bin" -m "$model" -p "$p" -n "$n" -r "$r" -o json "$@" \
+        > "$dir/llama-$name.json.part" 2> "$dir/llama-$name.log" \
+        || llama_failed "$bin" "$dir/llama-$name.log"
+    mv "$dir/llama-$name.json.part" "$dir/llama-$name.json"
+}
+
 # One comparison into folder $1: each program's JSON there, then the table and the ratios.
 compare_once() {
     local out="$1"
@@ -80,17 +91,11 @@ compare_once() {
 
     if [ -n "${LLAMA_BENCH_CPU:-}" ]; then
         echo "== llama.cpp CPU ($threads threads)" >&2
-        "$LLAMA_BENCH_CPU" -m "$model" -p "$p" -n "$n" -r "$r" -t "$threads" -o json \
-            > "$out/llama-cpu.json.part" 2> "$out/llama-cpu.log" \
-            || llama_failed "$LLAMA_BENCH_CPU" "$out/llama-cpu.log"
-        mv "$out/llama-cpu.json.part" "$out/llama-cpu.json"
+        run_llama "$out" cpu "$LLAMA_BENCH_CPU" -t "$threads"
     fi
     if [ -n "${LLAMA_BENCH_VK:-}" ]; then
         echo "== llama.cpp Vulkan (device 0)" >&2
-        GGML_VK_VISIBLE_DEVICES=0 "$LLAMA_BENCH_VK" -m "$model" -p "$p" -n "$n" -r "$r" -ngl 99 \
-            -o json > "$out/llama-vulkan.json.part" 2> "$out/llama-vulkan.log" \
-            || llama_failed "$LLAMA_BENCH_VK" "$out/llama-vulkan.log"
-        mv "$out/llama-vulkan.json.part" "$out/llama-vulkan.json"
+        GGML_VK_VISIBLE_DEVICES=0 run_llama "$out" vulkan "$LLAMA_BENCH_VK" -ngl 99
     fi
     python3 - "$out" <<'EOF'
 import json, os, sys

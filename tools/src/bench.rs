@@ -9,7 +9,7 @@
 //! first. Progress goes to stderr; results to stdout as a markdown table, JSON, JSON lines or
 //! CSV, with llama-bench's field names where a field means the same.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
@@ -113,8 +113,15 @@ const COPY_REPEATS: usize = 5;
 
 /// Where the weights come from.
 enum Source {
-    File(PathBuf),
-    Synthetic { preset: Preset, dtype: DType },
+    /// A GGUF file, opened (and its header read) once for every device.
+    File {
+        path: PathBuf,
+        file: GgufFile,
+    },
+    Synthetic {
+        preset: Preset,
+        dtype: DType,
+    },
 }
 
 /// One test: a prompt of `n_prompt` tokens, or `n_gen` decode steps.
@@ -276,8 +283,8 @@ fn source(args: &BenchArgs) -> Result<Source> {
         }
         let path = model_path(&args.model)?;
         // A file that is no GGUF model is named before any device is opened and measured.
-        open_model(&path)?;
-        return Ok(Source::File(path));
+        let file = GgufFile::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        return Ok(Source::File { path, file });
     };
     let Some(preset) = presets::preset(arch) else {
         bail!(
@@ -299,10 +306,6 @@ fn source(args: &BenchArgs) -> Result<Source> {
     Ok(Source::Synthetic { preset, dtype })
 }
 
-fn open_model(path: &Path) -> Result<GgufFile> {
-    GgufFile::open(path).with_context(|| format!("opening {}", path.display()))
-}
-
 fn check_context(n_ctx: usize, n_ctx_train: usize) -> Result<()> {
     if n_ctx > n_ctx_train {
         bail!(
@@ -315,11 +318,8 @@ fn check_context(n_ctx: usize, n_ctx_train: usize) -> Result<()> {
 
 fn load(source: &Source, gpu: &std::sync::Arc<Gpu>, seed: u64) -> Result<LlamaModel> {
     Ok(match source {
-        Source::File(path) => {
-            let file = open_model(path)?;
-            LlamaModel::load(gpu.clone(), &file)
-                .with_context(|| format!("loading model {}", path.display()))?
-        }
+        Source::File { path, file } => LlamaModel::load(gpu.clone(), file)
+            .with_context(|| format!("loading model {}", path.display()))?,
         Source::Synthetic { preset, dtype } => {
             let dtype = *dtype;
             let dtype_of = move |_: &str, cols: usize| fallback(dtype, cols as u64).dtype;
@@ -415,7 +415,7 @@ impl About {
             .map_or("?", |(d, _)| d.name());
         let mostly = if by_type.len() > 1 { "mostly " } else { "" };
         let (model_filename, synthetic) = match source {
-            Source::File(path) => (path.display().to_string(), false),
+            Source::File { path, .. } => (path.display().to_string(), false),
             Source::Synthetic { preset, .. } => (format!("synthetic:{}", preset.name), true),
         };
         let info = gpu.info();
